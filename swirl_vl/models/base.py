@@ -1,0 +1,123 @@
+"""The two model interfaces every backend implements, and the rollout record GRPO consumes.
+
+Conventions (DESIGN.md §3):
+- images are float tensors ``(B, 3, H, W)`` in ``[0, 1]``; actions are ``list[str]``;
+- a rollout of ``G`` samples per condition is ordered group-major: row ``b * G + g`` is sample ``g``
+  of condition ``b`` (what ``repeat_interleave(G, 0)`` produces);
+- ``rollout_logprobs`` returns per-token (or per-denoising-step) log-probs with grad, ``(N, L)``,
+  and a boolean mask ``(N, L)`` of the positions that count.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Rollout:
+    """``N = B * G`` sampled outputs with what is needed to re-score them under other weights."""
+
+    group_size: int
+    old_logprobs: Tensor
+    """``(N, L)`` log-probs recorded at sampling time (no grad)."""
+    mask: Tensor
+    """``(N, L)`` bool: positions that are real tokens / trainable denoising steps."""
+    images: Tensor | None = None
+    """FWM rollouts: ``(N, 3, H, W)`` in ``[0, 1]``."""
+    texts: list[str] | None = None
+    """IDM rollouts: ``N`` action texts."""
+    context: dict[str, Tensor] = field(default_factory=dict)
+    """Backend-specific tensors (token ids, latents, conditioning) that ``rollout_logprobs`` needs."""
+
+    def __post_init__(self) -> None:
+        assert self.old_logprobs.shape == self.mask.shape, (self.old_logprobs.shape, self.mask.shape)
+
+    @property
+    def num_samples(self) -> int:
+        return self.old_logprobs.shape[0]
+
+    def to(self, device: torch.device | str) -> Rollout:
+        return Rollout(
+            group_size=self.group_size,
+            old_logprobs=self.old_logprobs.to(device),
+            mask=self.mask.to(device),
+            images=None if self.images is None else self.images.to(device),
+            texts=self.texts,
+            context={k: v.to(device) for k, v in self.context.items()},
+        )
+
+
+class ForwardWorldModel(nn.Module, ABC):
+    """``P_θ(y | x, z)``: edits image ``x`` under action text ``z`` into the next image ``y``."""
+
+    image_size: int
+
+    @abstractmethod
+    def sft_loss(self, x: Tensor, z: list[str], y: Tensor) -> Tensor:
+        """Supervised loss (scalar) on labelled pairs."""
+
+    @abstractmethod
+    def sample(self, x: Tensor, z: list[str], num_samples: int = 1, greedy: bool = False, **gen) -> Rollout:
+        """``num_samples`` next states per condition; ``greedy`` gives the deterministic mode used for eval."""
+
+    @abstractmethod
+    def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """Log-probs ``(N, L)`` of the rollout's samples under the current weights (with grad), and the mask."""
+
+    @abstractmethod
+    def log_likelihood(self, x: Tensor, z: list[str], y: Tensor, group_size: int = 1) -> Tensor:
+        """``(B,)`` estimate of ``log P(y | x, z)`` (Phase II reward). No grad.
+
+        Rows in consecutive blocks of ``group_size`` share any random draws (diffusion ELBO), so that
+        the noise cancels in group-relative advantages.
+        """
+
+    @abstractmethod
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the model in its Hugging Face format (loadable by transformers / diffusers)."""
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, path: str | Path) -> ForwardWorldModel:
+        """Load a model written by ``save_pretrained`` (or a real checkpoint in the same format)."""
+
+
+class InverseDynamicsModel(nn.Module, ABC):
+    """``Q_φ(z | x, y)``: says which action text turned image ``x`` into image ``y``."""
+
+    image_size: int
+
+    @abstractmethod
+    def sft_loss(self, x: Tensor, y: Tensor, z: list[str]) -> Tensor:
+        """Supervised loss (scalar): mean token negative log-likelihood of ``z``."""
+
+    @abstractmethod
+    def sample(self, x: Tensor, y: Tensor, num_samples: int = 1, greedy: bool = False, **gen) -> Rollout:
+        """``num_samples`` action texts per pair, with token ids and old log-probs (``rollout.texts``)."""
+
+    @abstractmethod
+    def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """Per-token log-probs ``(N, L)`` of the rollout's texts under the current weights, and the mask."""
+
+    @abstractmethod
+    def log_likelihood(self, x: Tensor, y: Tensor, z: list[str]) -> Tensor:
+        """``(B,)`` mean-token ``log Q(z | x, y)`` (Phase I reward). No grad."""
+
+    @abstractmethod
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the model and its processor in the Hugging Face format."""
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, path: str | Path) -> InverseDynamicsModel:
+        """Load a model written by ``save_pretrained`` (or a real checkpoint in the same format)."""
+
+
+def missing_checkpoint_error(path: str | Path, what: str, fix: str) -> FileNotFoundError:
+    """The one error every loader raises for a model folder that is not there."""
+    return FileNotFoundError(f"{what} not found at '{path}'. {fix}")
