@@ -1,0 +1,3 @@
+from swirl_vl.cli import main
+
+main()

@@ -1,0 +1,168 @@
+"""Builds a tiny, seeded, randomly initialised InstructPix2Pix folder for CPU training and tests.
+
+The folder has the layout of ``timbrooks/instruct-pix2pix`` (``model_index.json``, ``unet/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``) minus ``vae/``: the tiny model denoises pixels, so ``DiffusionFWM`` reads it
+through exactly the code path of a real checkpoint. Nothing is downloaded: the CLIP tokenizer's ``vocab.json`` and
+``merges.txt`` are trained here on the sprite-world words over CLIP's byte-level alphabet, so any other text still
+tokenizes (into characters).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+"""CLIP's special tokens (EOS doubles as pad and unknown, as in the real tokenizer)."""
+
+MAX_TEXT_LENGTH = 77
+"""Token positions, as in Stable Diffusion's CLIP: every prompt is padded to this length."""
+
+SPRITE_WORDS = (
+    "move paint remove add the a at row column of to and"
+    " red green blue yellow purple orange white black"
+    " square circle triangle left right up down"
+).split()
+"""Words of the sprite-world action grammar (plus a few fillers): each becomes one token."""
+
+PIPELINE_CLASS = "StableDiffusionInstructPix2PixPipeline"
+
+
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """A CLIP-format BPE vocabulary: 256 byte symbols, the same with ``</w>``, merges for SPRITE_WORDS, specials."""
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    # Words are fed one by one, so no splitting regex is needed; ByteLevel maps bytes to CLIP's symbols.
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=10_000,  # an upper bound: training stops once every word is a single token
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    bpe.train_from_iterator(SPRITE_WORDS, trainer=trainer)
+    merges = [" ".join(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [m.replace(" ", "") for m in merges] + [BOS, EOS]
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, merges
+
+
+def _write_tokenizer(path: Path) -> CLIPTokenizer:
+    vocab, merges = _clip_vocab_and_merges()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MAX_TEXT_LENGTH,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": EOS,
+        "unk_token": EOS,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return CLIPTokenizer.from_pretrained(path)
+
+
+def tiny_scheduler() -> DDIMScheduler:
+    """Pixel-space DDPM schedule; ``trailing`` spacing starts sampling from pure noise and ends at ᾱ = 1."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        clip_sample=True,  # pixels live in [-1, 1]; clipping x̂_0 keeps few-step samples in range
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
+        prediction_type="epsilon",
+    )
+
+
+def write_model_index(path: Path, has_vae: bool) -> None:
+    """``model_index.json`` naming the InstructPix2Pix pipeline and each component's library and class."""
+    index = {
+        "_class_name": PIPELINE_CLASS,
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"] if has_vae else [None, None],
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def build_instruct_pix2pix_folder(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Write the tiny model to ``path`` (created; existing files are overwritten) and return it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _write_tokenizer(path / "tokenizer")
+
+    # fork_rng: seeding must not disturb the caller's global random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder, unet = _tiny_text_encoder(tokenizer), _tiny_unet(image_size)
+    text_encoder.save_pretrained(path / "text_encoder")
+    unet.save_pretrained(path / "unet")
+    tiny_scheduler().save_pretrained(path / "scheduler")
+    write_model_index(path, has_vae=False)
+    return path
+
+
+def _tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TEXT_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _tiny_unet(image_size: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=image_size,
+        in_channels=6,  # noisy target (3) ‖ source image (3), as InstructPix2Pix
+        out_channels=3,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=4,  # diffusers' name for the number of heads
+    )
+
+
+def build_tiny_instruct_pix2pix(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Build the tiny model in a temporary sibling folder, then rename it to ``path`` (never half-written)."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"'{path}' exists; build_tiny_instruct_pix2pix never overwrites a model folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.building-{uuid.uuid4().hex}"
+    build_instruct_pix2pix_folder(tmp, seed=seed, image_size=image_size)
+    try:
+        tmp.rename(path)
+    except OSError:
+        # Another process built it first (e.g. DDP ranks): theirs is as good as ours.
+        if not (path / "model_index.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

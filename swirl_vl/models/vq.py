@@ -1,0 +1,253 @@
+"""The image tokenizer of ``TokenFWM``: a diffusers ``VQModel``, its encode/decode helpers, and how to train it.
+
+``vq_encode`` / ``vq_decode`` map images ``(B, 3, H, W)`` in ``[0, 1]`` to codebook indices ``(B, h*w)`` (raster
+order) and back. ``VQTokenizerModule`` + ``SpriteImageDataModule`` train a tiny one on rendered sprite states:
+
+    python -m swirl_vl fit --config configs/vq_sprites.yaml
+
+The shipped tokenizer (``swirl_vl/assets/sprite_vq``, see its README) was made this way.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import VQModel
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
+
+from datamodules import sprites
+
+SHIPPED_SPRITE_VQ = Path(__file__).resolve().parent.parent / "assets" / "sprite_vq"
+"""The trained sprite-world tokenizer shipped with the package (8× downsampling, 64 codes)."""
+
+
+def vq_grid(vq: VQModel, image_size: int) -> tuple[int, int]:
+    """``(h, w)`` of the code grid for square images of ``image_size`` pixels."""
+    factor = 2 ** (len(vq.config.block_out_channels) - 1)  # one stride-2 downsample per block but the last
+    if image_size % factor:
+        raise ValueError(f"image_size={image_size} is not a multiple of the VQ's downsampling factor {factor}")
+    return image_size // factor, image_size // factor
+
+
+@torch.no_grad()
+def vq_encode(vq: VQModel, images: Tensor) -> Tensor:
+    """Images ``(B, 3, H, W)`` in ``[0, 1]`` → codebook indices ``(B, h*w)``, raster order."""
+    latents = vq.encode(images * 2 - 1).latents  # (B, C, h, w); VQModel works in [-1, 1]
+    _, _, (_, _, indices) = vq.quantize(latents)
+    return indices.view(images.shape[0], -1)
+
+
+@torch.no_grad()
+def vq_decode(vq: VQModel, codes: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Codebook indices ``(B, h*w)`` → images ``(B, 3, H, W)`` in ``[0, 1]``."""
+    dim = vq.quantize.embedding.weight.shape[1]
+    quant = vq.quantize.get_codebook_entry(codes.reshape(-1), (codes.shape[0], *grid, dim))  # (B, C, h, w)
+    images = vq.decode(quant, force_not_quantize=True).sample
+    return ((images + 1) / 2).clamp(0, 1)
+
+
+def render_tensor(state: sprites.SpriteState) -> Tensor:
+    """``(3, 32, 32)`` float image in ``[0, 1]`` of a sprite state."""
+    return torch.from_numpy(np.asarray(sprites.render(state))).permute(2, 0, 1).float() / 255
+
+
+def sprite_roundtrip_accuracy(vq: VQModel, num_states: int = 1000, seed: int = 0, batch_size: int = 250) -> float:
+    """Share of random sprite states ``s`` with ``parse(vq_decode(vq_encode(render(s)))) == s``."""
+    rng = random.Random(f"vq-roundtrip-{seed}")
+    states = [sprites.random_state(rng) for _ in range(num_states)]
+    device = next(vq.parameters()).device
+    hits = 0
+    for i in range(0, num_states, batch_size):
+        chunk = states[i : i + batch_size]
+        images = torch.stack([render_tensor(s) for s in chunk]).to(device)
+        recon = vq_decode(vq, vq_encode(vq, images), vq_grid(vq, images.shape[-1])).cpu()
+        hits += sum(sprites.parse(r) == s for r, s in zip(recon, chunk))
+    return hits / num_states
+
+
+class SpriteImages(Dataset):
+    """Renders of random sprite states; item ``i`` is a fixed function of ``(seed, split, i)``."""
+
+    def __init__(self, size: int, seed: int, split: str) -> None:
+        self.size, self.seed, self.split = size, seed, split
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Tensor:
+        # One RNG per item rather than per worker: the data do not depend on num_workers or the DDP world size.
+        return render_tensor(sprites.random_state(random.Random(f"sprite-images-{self.seed}-{self.split}-{index}")))
+
+
+class SpriteImageDataModule(LightningDataModule):
+    """Batches ``(B, 3, 32, 32)`` of rendered random sprite states, for training an image tokenizer."""
+
+    def __init__(
+        self, batch_size: int = 64, train_size: int = 100_000, val_size: int = 500, seed: int = 0, num_workers: int = 0
+    ) -> None:
+        """
+        Args:
+            batch_size: images per batch, per device.
+            train_size: images per training epoch (each a different random state).
+            val_size: images in the fixed validation set.
+            seed: data seed; train and val draw from different streams.
+            num_workers: DataLoader worker processes.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.train_set = SpriteImages(train_size, seed, "train")
+        self.val_set = SpriteImages(val_size, seed, "val")
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=self.num_workers, drop_last=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers)
+
+
+def _adam(params) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=2e-3)
+
+
+class VQTokenizerModule(LightningModule):
+    """Trains a diffusers ``VQModel``: reconstruction (MSE) + VQ codebook and commitment losses.
+
+    Codes unused for ``restart_every`` steps are moved onto random encoder outputs of the current batch, the
+    usual cure for codebook collapse (Dhariwal et al. 2020, Jukebox); without it a few codes absorb every cell.
+    At the end of fit the model is written with ``save_pretrained`` to ``export_dir`` (atomically).
+    """
+
+    def __init__(
+        self,
+        block_out_channels: tuple[int, ...] = (16, 32, 32, 32),
+        latent_channels: int = 16,
+        num_vq_embeddings: int = 64,
+        vq_embed_dim: int = 8,
+        norm_num_groups: int = 8,
+        image_size: int = 32,
+        beta: float = 0.25,
+        restart_every: int = 50,
+        export_dir: str | None = None,
+        optimizer: OptimizerCallable = _adam,
+    ) -> None:
+        """
+        Args:
+            block_out_channels: channels per resolution; ``len - 1`` stride-2 downsamples (4 blocks: 8×).
+            latent_channels: channels of the encoder output before the 1×1 projection to ``vq_embed_dim``.
+            num_vq_embeddings: codebook size K (the number of image tokens in ``TokenFWM``'s vocabulary).
+            vq_embed_dim: dimension of a codebook vector.
+            norm_num_groups: GroupNorm groups; divides every entry of ``block_out_channels``.
+            image_size: training image side in pixels (stored in the VQ config as ``sample_size``).
+            beta: weight of the commitment loss ``|z_e - sg(z_q)|²``.
+            restart_every: steps between dead-code restarts; 0 turns restarts off.
+            export_dir: where ``VQModel.save_pretrained`` writes the trained tokenizer at the end of fit.
+            optimizer: optimiser factory over the VQ's parameters.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        blocks = len(block_out_channels)
+        self.vq = VQModel(
+            block_out_channels=tuple(block_out_channels),
+            down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            latent_channels=latent_channels,
+            num_vq_embeddings=num_vq_embeddings,
+            vq_embed_dim=vq_embed_dim,
+            norm_num_groups=norm_num_groups,
+            layers_per_block=1,
+            mid_block_add_attention=False,  # 16 latent cells need no attention, and it would double the size
+            sample_size=image_size,
+        )
+        self.beta, self.restart_every, self.export_dir = beta, restart_every, export_dir
+        self.optimizer = optimizer
+        self.register_buffer("code_usage", torch.zeros(num_vq_embeddings), persistent=False)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` → reconstruction ``(B, 3, H, W)`` in ``[-1, 1]`` (unclamped),
+        encoder output ``z_e (B, D, h, w)``, quantised ``z_q (B, D, h, w)`` (no straight-through) and codes ``(B*h*w,)``.
+        """
+        z_e = self.vq.encode(images * 2 - 1).latents
+        _, _, (_, _, codes) = self.vq.quantize(z_e)
+        b, d, h, w = z_e.shape
+        z_q = self.vq.quantize.embedding(codes).view(b, h, w, d).permute(0, 3, 1, 2)
+        z_st = z_e + (z_q - z_e).detach()  # straight-through: decoder gradients flow to the encoder
+        recon = self.vq.decode(z_st, force_not_quantize=True).sample
+        return recon, z_e, z_q, codes
+
+    @override
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        recon, z_e, z_q, codes = self(batch)
+        recon_loss = F.mse_loss(recon, batch * 2 - 1)
+        codebook_loss = F.mse_loss(z_q, z_e.detach())
+        commitment_loss = F.mse_loss(z_e, z_q.detach())
+        loss = recon_loss + codebook_loss + self.beta * commitment_loss
+        self.code_usage += torch.bincount(codes, minlength=self.code_usage.numel())
+        if self.restart_every and (batch_idx + 1) % self.restart_every == 0:
+            self._restart_dead_codes(z_e)
+        self.log_dict(
+            {"vq/recon_mse": recon_loss, "vq/codebook": codebook_loss, "vq/commitment": commitment_loss},
+            prog_bar=True,
+            batch_size=batch.shape[0],
+        )
+        return loss
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, z_e: Tensor) -> None:
+        """Move codes unused since the last restart onto random encoder outputs ``z_e (B, D, h, w)``."""
+        # Under DDP every rank must make the same move, so usage is summed and rank 0's candidates broadcast.
+        usage = self.trainer.strategy.reduce(self.code_usage, reduce_op="sum")
+        dead = (usage == 0).nonzero().squeeze(-1)
+        self.log("vq/dead_codes", float(dead.numel()), batch_size=1)
+        if dead.numel():
+            candidates = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
+            picks = candidates[torch.randint(len(candidates), (dead.numel(),), device=candidates.device)]
+            picks = self.trainer.strategy.broadcast(picks, src=0)
+            self.vq.quantize.embedding.weight[dead] = picks
+        self.code_usage.zero_()
+
+    @override
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        recon = ((self(batch)[0] + 1) / 2).clamp(0, 1)
+        # Inputs are renders, so parse(input) is the true state (parse ∘ render is exact).
+        hits = [sprites.parse(r) == sprites.parse(x) for r, x in zip(recon.cpu(), batch.cpu())]
+        state_acc = torch.tensor(hits, dtype=torch.float32).mean()
+        size = batch.shape[0]
+        self.log("val/vq_state_acc", state_acc, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("val/vq_l1", (recon - batch).abs().mean(), batch_size=size, sync_dist=True)
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer(self.vq.parameters())
+
+    @override
+    def on_fit_end(self) -> None:
+        if self.export_dir is not None and self.trainer.is_global_zero:
+            save_vq_atomically(self.vq, self.export_dir)
+
+
+def save_vq_atomically(vq: VQModel, export_dir: str | Path) -> None:
+    """``vq.save_pretrained(export_dir)`` through a temporary sibling folder, so a crash never leaves half a model."""
+    target = Path(export_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    vq.save_pretrained(tmp)
+    if target.exists():
+        old = target.with_name(f".{target.name}-old-{tmp.name}")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)

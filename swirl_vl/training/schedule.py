@@ -1,0 +1,190 @@
+"""``SwirlSchedule``: owns ``(stage, iteration, step_in_phase)`` and switches phases at their boundaries.
+
+The schedule is SFT for ``sft_steps`` batches, then ``iterations`` rounds of Phase I (FWM trains,
+``phase1_steps``) and Phase II (IDM trains, ``phase2_steps``). Its state lives in checkpoints, so a
+run killed mid-phase resumes in the same phase at the same step, and resuming into a longer schedule
+continues it. At the end of SFT and of each iteration it evaluates both models on the test split; the
+table is printed at the end of fit and written to ``<log_dir>/swirl_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from swirl_vl.training.swirl import SwirlModule
+
+DONE = "done"
+
+
+class SwirlSchedule(Callback):
+    def __init__(
+        self,
+        sft_steps: int = 600,
+        iterations: int = 2,
+        phase1_steps: int = 100,
+        phase2_steps: int = 50,
+        eval_at_boundaries: bool = True,
+        eval_max_batches: int | None = None,
+        export_pretrained: bool = True,
+    ) -> None:
+        """
+        Args:
+            sft_steps: supervised warm-start batches (both models train on each).
+            iterations: SWIRL rounds, each Phase I then Phase II (0: SFT only).
+            phase1_steps: GRPO steps of Phase I (FWM trains, IDM frozen) per iteration.
+            phase2_steps: GRPO steps of Phase II (IDM trains, FWM frozen) per iteration.
+            eval_at_boundaries: evaluate on the test split after SFT and after each iteration.
+            eval_max_batches: cap on test batches per boundary evaluation (None: the whole split).
+            export_pretrained: write ``save_pretrained`` folders of the models at each phase end.
+        """
+        for name, value in (("sft_steps", sft_steps), ("iterations", iterations),
+                            ("phase1_steps", phase1_steps), ("phase2_steps", phase2_steps)):
+            if value < 0:
+                raise ValueError(f"--schedule.{name} must be ≥ 0; got {value}")
+        self.sft_steps, self.iterations = sft_steps, iterations
+        self.phase1_steps, self.phase2_steps = phase1_steps, phase2_steps
+        self.eval_at_boundaries, self.eval_max_batches = eval_at_boundaries, eval_max_batches
+        self.export_pretrained = export_pretrained
+        self.stage, self.iteration, self.step_in_phase = "sft", 0, 0
+        self.history: list[dict[str, Any]] = []
+        self._resumed = False
+
+    def _steps(self, stage: str) -> int:
+        return {"sft": self.sft_steps, "phase1": self.phase1_steps, "phase2": self.phase2_steps}[stage]
+
+    def _next(self, stage: str, iteration: int) -> tuple[str, int]:
+        if stage == "sft":
+            return ("phase1", 0) if self.iterations > 0 else (DONE, 0)
+        if stage == "phase1":
+            return "phase2", iteration
+        return ("phase1", iteration + 1) if iteration + 1 < self.iterations else (DONE, iteration + 1)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not isinstance(pl_module, SwirlModule):
+            return  # other LightningModules (e.g. the VQ tokenizer) train without phases
+        if self.stage == DONE and self.iteration < self.iterations:  # resumed into a longer schedule
+            self.stage, self.step_in_phase = "phase1", 0
+        self._enter(pl_module, refresh_reference=not self._resumed)
+        self._skip_empty_phases(trainer, pl_module)
+
+    def _enter(self, module: SwirlModule, refresh_reference: bool) -> None:
+        if self.stage != DONE:
+            module.enter_stage(self.stage, self.iteration, refresh_reference)
+            if refresh_reference is False and self.stage != "sft":
+                which = "fwm" if self.stage == "phase1" else "idm"
+                if getattr(module, f"{which}_ref") is None:
+                    module.refresh_reference(which)
+        module.step_in_phase = self.step_in_phase
+
+    def _skip_empty_phases(self, trainer: Trainer, module: SwirlModule) -> None:
+        while self.stage != DONE and self.step_in_phase >= self._steps(self.stage):
+            self._finish_phase(trainer, module)
+        if self.stage == DONE:
+            trainer.should_stop = True
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> int:
+        if isinstance(pl_module, SwirlModule) and self.stage == DONE:
+            trainer.should_stop = True
+            return -1  # Lightning: skip the rest of the epoch
+        return 0
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not isinstance(pl_module, SwirlModule) or self.stage == DONE:
+            return
+        self.step_in_phase += 1
+        pl_module.step_in_phase = self.step_in_phase
+        self._skip_empty_phases(trainer, pl_module)
+
+    def _finish_phase(self, trainer: Trainer, module: SwirlModule) -> None:
+        finished, iteration = self.stage, self.iteration
+        if self.export_pretrained and self._steps(finished) > 0:
+            self._export(trainer, module, finished, iteration)
+        self.stage, self.iteration = self._next(finished, iteration)
+        self.step_in_phase = 0
+        at_boundary = finished == "sft" or (finished == "phase2") or (finished == "phase1" and self.phase2_steps == 0)
+        if self.eval_at_boundaries and at_boundary and self._steps(finished) > 0:
+            label = "sft" if finished == "sft" else f"iteration_{iteration + 1}"
+            self._evaluate(trainer, module, label)
+        refresh = module.hparams.reference == "iteration" or (finished == "sft")
+        self._enter(module, refresh_reference=refresh)
+
+    def _evaluate(self, trainer: Trainer, module: SwirlModule, label: str) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "test_dataloader"):
+            return
+        if hasattr(datamodule, "setup"):
+            datamodule.setup("test")
+        metrics = module.evaluate_loader(datamodule.test_dataloader(), self.eval_max_batches)
+        row = {"after": label, "global_step": trainer.global_step, **metrics}
+        self.history.append(row)
+        for name, value in metrics.items():
+            module.log(f"schedule/{name}", value, batch_size=1, rank_zero_only=True)
+        rank_zero_info(f"[swirl] test after {label}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    def _export(self, trainer: Trainer, module: SwirlModule, stage: str, iteration: int) -> None:
+        if trainer.global_rank != 0 or trainer.log_dir is None:
+            return
+        models = {"sft": ("fwm", "idm"), "phase1": ("fwm",), "phase2": ("idm",)}[stage]
+        tag = "sft" if stage == "sft" else f"iteration_{iteration + 1}_{stage}"
+        for name in models:
+            final = Path(trainer.log_dir) / "pretrained" / tag / name
+            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            getattr(module, name).model.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not isinstance(pl_module, SwirlModule) or not self.history or trainer.global_rank != 0:
+            return
+        print(format_table(self.history))
+        if trainer.log_dir is not None:
+            out = Path(trainer.log_dir) / "swirl_metrics.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.history, indent=2))
+            tmp.replace(out)
+            print(f"[swirl] metrics table written to {out}")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "iteration": self.iteration,
+            "step_in_phase": self.step_in_phase,
+            "history": self.history,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stage = state_dict["stage"]
+        self.iteration = state_dict["iteration"]
+        self.step_in_phase = state_dict["step_in_phase"]
+        self.history = list(state_dict["history"])
+        self._resumed = True
+
+
+def format_table(history: list[dict[str, Any]]) -> str:
+    """A Markdown table: one row per evaluation point, one column per metric."""
+    metrics = sorted({k for row in history for k in row} - {"after", "global_step"})
+    header = "| after | step | " + " | ".join(metrics) + " |"
+    sep = "|---|---|" + "---|" * len(metrics)
+    rows = [
+        f"| {r['after']} | {r['global_step']} | " + " | ".join(f"{r.get(m, float('nan')):.4f}" for m in metrics) + " |"
+        for r in history
+    ]
+    return "\n".join([header, sep, *rows])

@@ -1,0 +1,298 @@
+"""``SwirlModule``: SFT warm start, then alternating GRPO phases, each rewarded by the other, frozen model.
+
+Phase I (``phase1_fwm_step``): the frozen IDM labels an unlabelled pair greedily; the FWM samples ``G``
+next states; reward = mean-token ``log Q_φ(z | x, ŷ)``. Phase II (``phase2_idm_step``): the IDM samples
+``G`` actions; reward = ``log P_θ(y | x, z)`` from the frozen FWM. Which stage runs is set by the
+``SwirlSchedule`` callback through ``enter_stage``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import move_data_to_device
+from torch import Tensor, nn
+from typing_extensions import override
+
+from swirl_vl.models.base import Rollout
+from swirl_vl.rl.grpo import group_advantages, grpo_loss
+from swirl_vl.training.images import log_texts, log_transitions
+from swirl_vl.training.sft import FWMModule, IDMModule, labelled_pairs
+
+STAGES = ("sft", "phase1", "phase2")
+
+
+def mean_token_logprob(logp: Tensor, mask: Tensor) -> Tensor:
+    """``(N, L)`` per-token log-probs → ``(N,)`` mean over the masked-in tokens."""
+    m = mask.to(logp.dtype)
+    return (logp * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class SwirlModule(LightningModule):
+    """Holds the FWM and IDM modules, one optimiser each (manual optimisation), and the GRPO phases."""
+
+    def __init__(
+        self,
+        fwm: FWMModule,
+        idm: IDMModule,
+        fwm_group_size: int = 8,
+        idm_group_size: int = 8,
+        fwm_beta: float = 0.04,
+        idm_beta: float = 0.1,
+        clip_eps: float = 0.2,
+        min_label_logprob: float = -2.0,
+        reward_floor: float = -10.0,
+        rl_batch_size: int | None = None,
+        fwm_generation: dict[str, Any] | None = None,
+        idm_generation: dict[str, Any] | None = None,
+        reference: Literal["sft", "iteration"] = "sft",
+        grad_clip: float = 1.0,
+        log_rollouts_every_n_steps: int = 50,
+    ) -> None:
+        """
+        Args:
+            fwm: the forward world model's module (``FWMModule``).
+            idm: the inverse dynamics model's module (``IDMModule``).
+            fwm_group_size: Phase I samples ``G`` per pair (paper: 8).
+            idm_group_size: Phase II sampled actions ``G`` per pair (paper: 16).
+            fwm_beta: weight of the k3 KL to the reference FWM (paper code: 0.04).
+            idm_beta: weight of the k3 KL to the reference IDM (paper code: 0.1).
+            clip_eps: PPO ratio clip ε.
+            min_label_logprob: Phase I keeps a pair only when the frozen IDM's greedy label has mean token
+                log-prob ≥ this (paper: -2.0).
+            reward_floor: Phase I rewards are clamped below at this value (paper: -10).
+            rl_batch_size: pairs per GRPO step, per device (default: the unlabelled loader's batch size);
+                each step makes ``rl_batch_size × G`` rollouts.
+            fwm_generation: sampling keyword arguments for FWM rollouts (token FWM: ``temperature``,
+                ``top_p``; diffusion FWM: ``eta``, ``num_inference_steps``); backend defaults when empty.
+            idm_generation: sampling keyword arguments for IDM rollouts (paper: temperature 0.7, top-k 50).
+            reference: KL reference policy: the SFT model (``sft``) or the policy at the start of each
+                iteration (``iteration``).
+            grad_clip: gradient-norm clip for every optimiser step (0: off).
+            log_rollouts_every_n_steps: how often (in steps of a phase) rollout grids / texts go to TensorBoard.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["fwm", "idm"])
+        for name, g in (("fwm_group_size", fwm_group_size), ("idm_group_size", idm_group_size)):
+            if g < 2:
+                raise ValueError(f"--model.{name} must be ≥ 2 for group-relative advantages; got {g}")
+        self.automatic_optimization = False
+        self.fwm = fwm
+        self.idm = idm
+        self.fwm_ref: nn.Module | None = None
+        self.idm_ref: nn.Module | None = None
+        self.stage: str = "sft"
+        self.iteration: int = 0
+        self.step_in_phase: int = 0
+        self._trainable: dict[str, set[str]] = {}
+
+    # ---------------------------------------------------------------- stage control (driven by SwirlSchedule)
+
+    def enter_stage(self, stage: str, iteration: int, refresh_reference: bool) -> None:
+        """Freeze the model that does not train in ``stage`` (eval mode, no grads) and unfreeze the other."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        if not self._trainable:  # remember what each backend itself leaves trainable (e.g. not its VQ)
+            self._trainable = {
+                name: {n for n, p in m.model.named_parameters() if p.requires_grad}
+                for name, m in (("fwm", self.fwm), ("idm", self.idm))
+            }
+        self.stage, self.iteration = stage, iteration
+        trains = {"sft": ("fwm", "idm"), "phase1": ("fwm",), "phase2": ("idm",)}[stage]
+        for name in ("fwm", "idm"):
+            module = getattr(self, name)
+            on = name in trains
+            module.train(on)
+            for n, p in module.model.named_parameters():
+                p.requires_grad_(on and n in self._trainable[name])
+        if refresh_reference and stage != "sft":
+            self.refresh_reference(trains[0])
+
+    def refresh_reference(self, which: Literal["fwm", "idm"]) -> None:
+        """Snapshot the current policy as the frozen KL reference (a copy: full fine-tuning)."""
+        policy = getattr(self, which).model
+        ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        setattr(self, f"{which}_ref", ref)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # References are created mid-run; make room for them before Lightning loads the state dict.
+        keys = checkpoint["state_dict"].keys()
+        for which in ("fwm", "idm"):
+            if getattr(self, f"{which}_ref") is None and any(k.startswith(f"{which}_ref.") for k in keys):
+                self.refresh_reference(which)
+
+    # ---------------------------------------------------------------- optimisation
+
+    @override
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.fwm.make_optimizer(), self.idm.make_optimizer()]
+
+    @override
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        fwm_opt, idm_opt = self.optimizers()
+        if self.stage == "sft":
+            self.sft_step(labelled_pairs(batch), fwm_opt, idm_opt)
+        elif self.stage == "phase1":
+            self.phase1_fwm_step(self._rl_pairs(batch), fwm_opt)
+        else:
+            self.phase2_idm_step(self._rl_pairs(batch), idm_opt)
+        self.log("iteration", float(self.iteration), prog_bar=True, batch_size=1)
+
+    def _rl_pairs(self, batch: dict) -> dict:
+        pairs = batch["unlabelled"] if "unlabelled" in batch else batch
+        n = self.hparams.rl_batch_size
+        if n is None:
+            return pairs
+        return {k: v[:n] for k, v in pairs.items()}
+
+    def _step(self, opt: Any, loss: Tensor) -> None:
+        opt.zero_grad()
+        self.manual_backward(loss)
+        if self.hparams.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+
+    def sft_step(self, pairs: dict, fwm_opt: Any, idm_opt: Any) -> None:
+        """Supervised warm start of both models on one labelled batch (one backward, two optimiser steps)."""
+        fwm_loss, idm_loss = self.fwm.sft_loss(pairs), self.idm.sft_loss(pairs)
+        fwm_opt.zero_grad()
+        idm_opt.zero_grad()
+        self.manual_backward(fwm_loss + idm_loss)
+        if self.hparams.grad_clip:
+            for opt in (fwm_opt, idm_opt):
+                self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        fwm_opt.step()
+        idm_opt.step()
+        b = len(pairs["action"])
+        self.log("fwm/sft_loss", fwm_loss, prog_bar=True, batch_size=b)
+        self.log("idm/sft_loss", idm_loss, prog_bar=True, batch_size=b)
+
+    @torch.no_grad()
+    def label_pairs(self, x: Tensor, y: Tensor) -> tuple[list[str], Tensor]:
+        """Greedy IDM labels for unlabelled pairs and their mean token log-prob ``(B,)``."""
+        labels = self.idm.model.sample(x, y, num_samples=1, greedy=True)
+        return labels.texts, mean_token_logprob(labels.old_logprobs, labels.mask)
+
+    def phase1_fwm_step(self, pairs: dict, opt: Any) -> None:
+        """Phase I: variational information maximisation; the FWM trains with reward ``log Q_φ(z | x, ŷ)``."""
+        g = self.hparams.fwm_group_size
+        x, y = pairs["x"], pairs["y"]
+        z, label_logprob = self.label_pairs(x, y)
+        keep = label_logprob >= self.hparams.min_label_logprob
+        self.log("phase1/labels_kept", keep.float().mean(), batch_size=len(z))
+        self.log("phase1/label_logprob", label_logprob.mean(), batch_size=len(z))
+        if not keep.any():
+            # Still a (zero) backward: under DDP every rank must take part in the same reductions.
+            self._step(opt, sum(p.sum() * 0 for p in self.fwm.model.parameters() if p.requires_grad))
+            return
+        idx = keep.nonzero().squeeze(1)
+        x, y = x[idx], y[idx]
+        z = [z[i] for i in idx.tolist()]
+        with torch.no_grad():
+            rollout = self.fwm.model.sample(x, z, num_samples=g, **(self.hparams.fwm_generation or {}))
+            x_rep, z_rep = x.repeat_interleave(g, 0), [a for a in z for _ in range(g)]
+            rewards = self.idm.model.log_likelihood(x_rep, rollout.images, z_rep).clamp(min=self.hparams.reward_floor)
+        self.update(self.fwm.model, self.fwm_ref, rollout, rewards, opt, self.hparams.fwm_beta, "phase1")
+        if self._should_log_rollouts():
+            k = min(4, len(z))
+            ys = rollout.images.view(len(z), g, *rollout.images.shape[1:])[:k, : min(g, 4)]
+            captions = [f"{a} (reward {r:.2f})" for a, r in zip(z[:k], rewards.view(len(z), g)[:k, 0].tolist())]
+            log_transitions(self.logger, "phase1/rollouts", x[:k], ys, y[:k], captions, self.global_step)
+
+    def phase2_idm_step(self, pairs: dict, opt: Any) -> None:
+        """Phase II: ELBO maximisation; the IDM trains with reward ``log P_θ(y | x, z)``."""
+        g = self.hparams.idm_group_size
+        x, y = pairs["x"], pairs["y"]
+        with torch.no_grad():
+            rollout = self.idm.model.sample(x, y, num_samples=g, **(self.hparams.idm_generation or {}))
+            x_rep, y_rep = x.repeat_interleave(g, 0), y.repeat_interleave(g, 0)
+            rewards = self.fwm.model.log_likelihood(x_rep, rollout.texts, y_rep, group_size=g)
+        self.update(self.idm.model, self.idm_ref, rollout, rewards, opt, self.hparams.idm_beta, "phase2")
+        if self._should_log_rollouts():
+            lines = [f"`{t}` reward {r:.3f}" for t, r in zip(rollout.texts[: 2 * g], rewards[: 2 * g].tolist())]
+            log_texts(self.logger, "phase2/sampled_actions", lines, self.global_step)
+
+    def update(
+        self,
+        policy: nn.Module,
+        reference: nn.Module | None,
+        rollout: Rollout,
+        rewards: Tensor,
+        opt: Any,
+        beta: float,
+        prefix: str,
+    ) -> None:
+        """One GRPO step of ``policy`` on ``rollout`` scored by ``rewards (N,)``; logs the phase's scalars."""
+        assert rewards.shape == (rollout.num_samples,), (rewards.shape, rollout.num_samples)
+        adv = group_advantages(rewards, rollout.group_size)
+        logp, mask = policy.rollout_logprobs(rollout)
+        assert logp.shape == rollout.old_logprobs.shape, (logp.shape, rollout.old_logprobs.shape)
+        ref_logp = None
+        if reference is not None and beta > 0:
+            with torch.no_grad():
+                ref_logp, _ = reference.rollout_logprobs(rollout)
+        out = grpo_loss(
+            logp, rollout.old_logprobs, adv.advantages.to(logp.device), mask, adv.valid, ref_logp, beta,
+            self.hparams.clip_eps,
+        )
+        self._step(opt, out.loss)
+        finite = rewards[torch.isfinite(rewards)].float()
+        n = rollout.num_samples
+        self.log(f"{prefix}/reward_mean", finite.mean() if finite.numel() else torch.nan, prog_bar=True, batch_size=n)
+        self.log(f"{prefix}/reward_std", finite.std() if finite.numel() > 1 else torch.nan, batch_size=n)
+        self.log(f"{prefix}/kl", out.kl, batch_size=n)
+        self.log(f"{prefix}/clip_frac", out.clip_frac, batch_size=n)
+        self.log(f"{prefix}/frac_zero_std", adv.frac_zero_std, batch_size=n)
+        self.log(f"{prefix}/nonfinite_groups", float(adv.num_nonfinite_groups), batch_size=n, reduce_fx="sum")
+        self.log(f"{prefix}/loss", out.loss.detach(), batch_size=n)
+
+    def _should_log_rollouts(self) -> bool:
+        every = self.hparams.log_rollouts_every_n_steps
+        return bool(every) and self.step_in_phase % every == 0 and self.global_rank == 0
+
+    # ---------------------------------------------------------------- evaluation
+
+    def evaluate_batch(self, batch: dict) -> tuple[dict[str, Tensor], Tensor, list[str]]:
+        fwm_metrics, y_hat = self.fwm.evaluate(batch)
+        idm_metrics, texts = self.idm.evaluate(batch)
+        return {**fwm_metrics, **idm_metrics}, y_hat, texts
+
+    @override
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    @override
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def _eval_step(self, batch: dict, batch_idx: int, split: str) -> None:
+        metrics, y_hat, texts = self.evaluate_batch(batch)
+        for name, values in metrics.items():
+            self.log(f"{split}/{name}", values.mean(), batch_size=values.numel(), sync_dist=True)
+        if batch_idx == 0:
+            self.fwm.log_outputs(batch, y_hat, f"{split}/fwm", self.global_step)
+            self.idm.log_outputs(batch, texts, f"{split}/idm", self.global_step)
+
+    @torch.no_grad()
+    def evaluate_loader(self, loader: Any, max_batches: int | None = None) -> dict[str, float]:
+        """Mean of every metric over ``loader`` (used by the schedule at stage boundaries)."""
+        was_training = {name: getattr(self, name).training for name in ("fwm", "idm")}
+        self.fwm.eval()
+        self.idm.eval()
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            metrics, _, _ = self.evaluate_batch(move_data_to_device(batch, self.device))
+            for name, values in metrics.items():
+                sums[name] += float(values.sum())
+                counts[name] += values.numel()
+        for name, was in was_training.items():
+            getattr(self, name).train(was)
+        return {name: sums[name] / counts[name] for name in sorted(sums)}
