@@ -63,19 +63,22 @@ class SampleError(ValueError):
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
-        self.reason = reason
+        self.reason, self.detail = reason, message
 
 
 @dataclass
 class SkipCounter:
-    """Counts skipped samples by reason and warns (a few times per reason, so logs stay readable)."""
+    """Counts skipped samples by reason and warns (a few times per reason, so logs stay readable).
+
+    Samples left out by a task filter are counted but not warned about: that was asked for.
+    """
 
     counts: Counter = field(default_factory=Counter)
     max_warnings: int = 5
 
     def record(self, reason: str, message: str) -> None:
         self.counts[reason] += 1
-        if self.counts[reason] <= self.max_warnings:
+        if reason != "task" and self.counts[reason] <= self.max_warnings:
             warnings.warn(f"skipped ({reason}): {message}", stacklevel=2)
 
     def as_dict(self) -> dict[str, int]:
@@ -92,9 +95,6 @@ class ShardErrorHandler:
         shard = next((str(a) for a in reversed(exn.args) if isinstance(a, str) and ".tar" in a), "?")
         self.skipped.record("bad_shard", f"unreadable or truncated shard {shard}: {exn.args[0] if exn.args else exn!r}")
         return True
-
-
-# ---------------------------------------------------------------------------------------------- writing
 
 
 def _encode_image(image: Image.Image | bytes) -> tuple[str, bytes]:
@@ -180,9 +180,6 @@ def write_shards(
     return written
 
 
-# ---------------------------------------------------------------------------------------------- reading
-
-
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode → RGB: alpha composited on white, 16/32-bit and float scaled to 8 bits, CMYK/P/L converted."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -212,11 +209,11 @@ def decode_image(data: bytes, image_size: int | None) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
 
 
-def _load_json(sample: dict[str, Any], name: str) -> Any:
+def _load_json(sample: dict[str, Any], name: str, where: str) -> Any:
     try:
         return json.loads(sample[name])
     except Exception as exn:
-        raise SampleError("bad_json", f"{name} is not valid JSON ({exn})") from exn
+        raise SampleError("bad_json", f"{where}: {name} is not valid JSON ({exn})") from exn
 
 
 def decode_trajectory(
@@ -232,7 +229,7 @@ def decode_trajectory(
     """
     key = str(sample.get("__key__", "?"))
     where = f"sample {key} in {sample.get('__url__', '?')}"
-    meta = _load_json(sample, "meta.json") if "meta.json" in sample else {}
+    meta = _load_json(sample, "meta.json", where) if "meta.json" in sample else {}
     if not isinstance(meta, dict):
         raise SampleError("bad_json", f"{where}: meta.json must be an object")
     frames = {int(m.group(1)): name for name in sample if (m := _FRAME.fullmatch(name))}
@@ -240,7 +237,7 @@ def decode_trajectory(
     if length < 2 or sorted(frames) != list(range(length)):
         raise SampleError("missing_state", f"{where}: frames {sorted(frames)} are not 0..T-1 with T >= 2")
     # missing actions.json = state-only data
-    actions = _load_json(sample, "actions.json") if "actions.json" in sample else [None] * (length - 1)
+    actions = _load_json(sample, "actions.json", where) if "actions.json" in sample else [None] * (length - 1)
     if not isinstance(actions, list) or len(actions) != length - 1:
         raise SampleError("actions_length", f"{where}: {length} frames need a list of {length - 1} actions")
     usable = [isinstance(a, str) and a.strip() != "" for a in actions]
@@ -252,7 +249,10 @@ def decode_trajectory(
         wanted = set(tasks)
         if not any(record.task_at(t) in wanted for t in range(length - 1)):
             raise SampleError("task", f"{where}: task {meta.get('task')!r} not in {sorted(wanted)}")
-    images = [decode_image(sample[frames[t]], image_size) for t in range(length)]
+    try:
+        images = [decode_image(sample[frames[t]], image_size) for t in range(length)]
+    except SampleError as exn:
+        raise SampleError(exn.reason, f"{where}: {exn.detail}") from exn
     if image_size is None and len({tuple(i.shape) for i in images}) > 1:
         raise SampleError("bad_image", f"{where}: frames differ in size and no image_size was given")
     record.images = torch.stack(images)
@@ -276,4 +276,4 @@ def iter_trajectories(
         try:
             yield decode_trajectory(sample, image_size, tasks, require_actions)
         except SampleError as exn:
-            skipped.record(exn.reason, str(exn))
+            skipped.record(exn.reason, exn.detail)

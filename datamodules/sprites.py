@@ -21,6 +21,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
+
+from .shards import Trajectory, write_shards
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("square", "circle", "triangle")
@@ -99,9 +102,6 @@ def is_valid(state: SpriteState, grid: int = GRID) -> bool:
     )
 
 
-# ---------------------------------------------------------------------------------------------- drawing
-
-
 @cache
 def shape_mask(shape: str, cell: int = CELL) -> np.ndarray:
     """Boolean (cell, cell) mask of a shape drawn inside a 1-px margin; pixel-exact, no antialiasing."""
@@ -131,9 +131,6 @@ def render(state: SpriteState, cell: int = CELL, grid: int = GRID) -> Image.Imag
         block = canvas[o.row * cell : (o.row + 1) * cell, o.col * cell : (o.col + 1) * cell]
         block[shape_mask(o.shape, cell)] = PALETTE[o.colour]
     return Image.fromarray(canvas, mode="RGB")
-
-
-# ---------------------------------------------------------------------------------------------- parsing
 
 
 def _to_float_hwc(image: Any) -> np.ndarray:
@@ -182,9 +179,6 @@ def parse(image: Any, grid: int = GRID, cell: int = CELL, min_fill: float = 0.5)
             shape = min(SHAPES, key=lambda s: float(np.abs(soft - templates[s]).sum()))
             objects.append(Sprite(colour, shape, row, col))
     return SpriteState(tuple(objects))
-
-
-# ---------------------------------------------------------------------------------------------- actions
 
 
 def action_type(action: str) -> str | None:
@@ -302,17 +296,12 @@ def random_trajectory(rng: random.Random, length: int, grid: int = GRID) -> tupl
     return states, actions
 
 
-# ---------------------------------------------------------------------------------------------- shards
-
-
 SPLITS = ("test", "val", "labelled", "unlabelled")  # generation order: eval splits first, so they never change
 
 
 def _split_trajectories(
     split: str, count: int, length: int, seed: int, seen: set[tuple[SpriteState, ...]]
-) -> Iterator[Any]:
-    from .shards import Trajectory
-
+) -> Iterator[Trajectory]:
     rng = random.Random(f"sprites-{seed}-{split}")  # one stream per split: sizes of one split never shift another
     made = 0
     while made < count:
@@ -347,10 +336,6 @@ def write_sprite_splits(
     ``meta.json`` holds ``task`` (the action type, or ``"mixed"``), per-step ``tasks``, ``source`` and the
     ground-truth ``states``. The unlabelled split keeps its true actions; readers ignore them.
     """
-    from tqdm.auto import tqdm
-
-    from .shards import write_shards
-
     counts = {"test": test, "val": val, "labelled": labelled, "unlabelled": unlabelled}
     lengths = {"test": test_length, "val": length, "labelled": length, "unlabelled": length}
     seen: set[tuple[SpriteState, ...]] = set()
@@ -360,7 +345,7 @@ def write_sprite_splits(
             write_shards(_progress(trajs, bar), Path(out) / split, prefix="sprites", shard_size=shard_size)
 
 
-def _progress(items: Iterator[Any], bar: Any) -> Iterator[Any]:
+def _progress(items: Iterator[Trajectory], bar: tqdm) -> Iterator[Trajectory]:
     for item in items:
         yield item
         bar.update(1)
@@ -378,9 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test-length", type=int, default=6, help="states per test trajectory (multi-turn)")
     p.add_argument("--shard-size", type=int, default=500, help="trajectories per tar")
     a = p.parse_args(argv)
-    write_sprite_splits(
-        a.out, a.seed, a.labelled, a.unlabelled, a.val, a.test, a.length, a.test_length, a.shard_size
-    )
+    write_sprite_splits(a.out, a.seed, a.labelled, a.unlabelled, a.val, a.test, a.length, a.test_length, a.shard_size)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ MAX_TEXT_LENGTH = 77
 """Token positions, as in Stable Diffusion's CLIP: every prompt is padded to this length."""
 
 SPRITE_WORDS = (
-    "move paint remove add the a at row column of to and"
+    "move paint remove add the a an at row column of to and"
     " red green blue yellow purple orange white black"
     " square circle triangle left right up down"
 ).split()
@@ -136,13 +136,15 @@ def _tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 
 def _tiny_unet(image_size: int) -> UNet2DConditionModel:
+    # Attention only at the coarsest level (image_size / 4): self-attention there already sees the whole canvas
+    # (an object can move anywhere), and on CPU attention at finer levels costs more than all the convolutions.
     return UNet2DConditionModel(
         sample_size=image_size,
         in_channels=6,  # noisy target (3) ‖ source image (3), as InstructPix2Pix
         out_channels=3,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32, 64),
         layers_per_block=1,
         norm_num_groups=8,
         cross_attention_dim=32,

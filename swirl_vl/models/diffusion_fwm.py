@@ -1,0 +1,307 @@
+"""``DiffusionFWM``: an InstructPix2Pix-style diffusion editor as the forward world model ``P_θ(y | x, z)``.
+
+A diffusers ``UNet2DConditionModel`` denoises the next state with the source image concatenated on the channel
+axis and the action text (``CLIPTextModel``) as cross-attention context; sampling is DDIM. Pixel space when the
+folder has no ``vae/`` (the tiny default), latent space through ``AutoencoderKL`` when it has one (real
+``timbrooks/instruct-pix2pix`` folders).
+
+As a policy (Phase I, DESIGN §1) each denoising step ``x_t → x_{t_prev}`` of a stochastic DDIM sampler (η > 0)
+plays the role of a token: its log-prob is the Gaussian density of the transition (``swirl_vl.rl.ddim``). As a
+likelihood (Phase II reward) it gives an ELBO-style estimate: minus the mean denoising error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from swirl_vl.models.base import ForwardWorldModel, Rollout, missing_checkpoint_error
+from swirl_vl.models.tiny_diffusion import build_tiny_instruct_pix2pix, write_model_index
+from swirl_vl.rl.ddim import default_prev_timestep, ddim_step_with_logprob
+
+
+class DiffusionFWM(ForwardWorldModel):
+    """InstructPix2Pix-style forward world model (diffusers folder layout of ``timbrooks/instruct-pix2pix``).
+
+    Args:
+        path: local diffusers folder (``model_index.json``, ``unet/``, ``text_encoder/``, ``tokenizer/``,
+            ``scheduler/``, optional ``vae/``). Nothing is downloaded.
+        build_tiny: when ``path`` does not exist, build a tiny random pixel-space model there first.
+        seed: seed of the tiny build and of the fixed start noise of greedy sampling.
+        num_inference_steps: DDIM steps per sample (= "tokens" per rollout).
+        eta: DDIM η of stochastic sampling (Phase I rollouts); must be > 0 for the steps to have a density.
+        train_timestep_fraction: share of the non-final denoising steps of each rollout that GRPO trains on,
+            drawn at random per rollout row.
+        elbo_draws: ``(t, ε)`` draws per pair in ``log_likelihood`` (stratified over ``t``).
+        image_size: side of the square images the model works on (pixels); the tiny build's ``sample_size``.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        build_tiny: bool = False,
+        seed: int = 0,
+        num_inference_steps: int = 10,
+        eta: float = 1.0,
+        train_timestep_fraction: float = 1.0,
+        elbo_draws: int = 4,
+        image_size: int = 32,
+    ) -> None:
+        super().__init__()
+        if num_inference_steps < 2:
+            raise ValueError(f"num_inference_steps={num_inference_steps}: need ≥ 2 (the last step is never trained)")
+        if eta < 0:
+            raise ValueError(f"eta={eta} must be ≥ 0")
+        if not 0 < train_timestep_fraction <= 1:
+            raise ValueError(f"train_timestep_fraction={train_timestep_fraction} must be in (0, 1]")
+        if elbo_draws < 1:
+            raise ValueError(f"elbo_draws={elbo_draws} must be ≥ 1")
+        self.path = Path(path)
+        self.seed = seed
+        self.num_inference_steps = num_inference_steps
+        self.eta = eta
+        self.train_timestep_fraction = train_timestep_fraction
+        self.elbo_draws = elbo_draws
+        self.image_size = image_size
+
+        if not self.path.exists() and build_tiny:
+            build_tiny_instruct_pix2pix(self.path, seed=seed, image_size=image_size)
+        if not (self.path / "model_index.json").exists():
+            raise missing_checkpoint_error(
+                self.path,
+                "InstructPix2Pix diffusers folder (model_index.json)",
+                "Download one, e.g. `huggingface-cli download timbrooks/instruct-pix2pix --local-dir <path>`, "
+                "or set build_tiny=True (--model.build_tiny true) to build a tiny random model there.",
+            )
+        self.unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet")
+        self.text_encoder = CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder")
+        self.tokenizer = CLIPTokenizer.from_pretrained(self.path, subfolder="tokenizer")
+        # Real folders ship another scheduler class (Euler ancestral); its β schedule configures DDIM just as well.
+        self.scheduler = DDIMScheduler.from_pretrained(self.path, subfolder="scheduler")
+        self.vae = AutoencoderKL.from_pretrained(self.path, subfolder="vae") if (self.path / "vae").is_dir() else None
+        if self.vae is not None:
+            # InstructPix2Pix never trains its autoencoder.
+            self.vae.requires_grad_(False).eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> DiffusionFWM:
+        return cls(str(path))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the diffusers folder (same layout as the one loaded; ``model_index.json`` names the pipeline)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(path / "unet")
+        self.text_encoder.save_pretrained(path / "text_encoder")
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        self.scheduler.save_pretrained(path / "scheduler")
+        if self.vae is not None:
+            self.vae.save_pretrained(path / "vae")
+        write_model_index(path, has_vae=self.vae is not None)
+
+    def train(self, mode: bool = True) -> DiffusionFWM:
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()  # frozen: keep it deterministic whatever Lightning toggles
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    # --- conditioning and model space -------------------------------------------------------------------------
+
+    def _tokenize(self, z: list[str]) -> Tensor:
+        """``(B, L)`` ids, always padded to the tokenizer's full length: the UNet attends to every position,
+        so the conditioning of a prompt must not depend on the other prompts in its batch."""
+        ids = self.tokenizer(
+            z, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return ids.to(self.device)
+
+    def _encode_text(self, input_ids: Tensor) -> Tensor:
+        """``(B, L)`` → ``(B, L, D)`` cross-attention context (CLIP's last hidden state, as Stable Diffusion)."""
+        return self.text_encoder(input_ids)[0]
+
+    def _encode_source(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` in ``[0, 1]`` → ``(B, C, h, w)``: the conditioning image, unscaled (as InstructPix2Pix)."""
+        pixels = (2 * x - 1).to(self.device, self.unet.dtype)
+        if self.vae is None:
+            return pixels
+        with torch.no_grad():
+            return self.vae.encode(pixels).latent_dist.mode()
+
+    def _encode_target(self, y: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` in ``[0, 1]`` → ``(B, C, h, w)`` diffusion space (latents × ``scaling_factor``)."""
+        if self.vae is None:
+            return self._encode_source(y)
+        # The posterior mean, not a sample: the ELBO reward must be deterministic given its (t, ε) draws.
+        return self._encode_source(y) * self.vae.config.scaling_factor
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        """``(B, C, h, w)`` diffusion space → ``(B, 3, H, W)`` images in ``[0, 1]``."""
+        if self.vae is not None:
+            latents = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((latents.float() + 1) / 2).clamp(0, 1)
+
+    def _predict(self, latents: Tensor, source: Tensor, text: Tensor, t: Tensor) -> Tensor:
+        """UNet output ``(B, C, h, w)`` for noisy ``latents`` ‖ ``source`` at timestep(s) ``t`` (scalar or ``(B,)``)."""
+        return self.unet(torch.cat([latents, source], dim=1), t, encoder_hidden_states=text).sample
+
+    def _denoising_error(self, source: Tensor, target: Tensor, text: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """``(B,)`` mean squared error of the UNet's prediction of what the scheduler's ``prediction_type`` names."""
+        noisy = self.scheduler.add_noise(target, noise, t)
+        prediction_type = self.scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            expected = noise
+        elif prediction_type == "v_prediction":
+            expected = self.scheduler.get_velocity(target, noise, t)
+        else:
+            expected = target
+        error = (self._predict(noisy, source, text, t).float() - expected.float()) ** 2
+        return error.mean(dim=(1, 2, 3))
+
+    # --- ForwardWorldModel ---------------------------------------------------------------------------------------
+
+    def sft_loss(self, x: Tensor, z: list[str], y: Tensor) -> Tensor:
+        """Noise-prediction MSE at uniformly random ``t`` (scalar); ``x``, ``y``: ``(B, 3, H, W)`` in ``[0, 1]``."""
+        source, target = self._encode_source(x), self._encode_target(y)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (target.shape[0],), device=self.device)
+        noise = torch.randn_like(target)
+        return self._denoising_error(source, target, self._encode_text(self._tokenize(z)), t, noise).mean()
+
+    def _timesteps(self, num_inference_steps: int) -> tuple[Tensor, Tensor]:
+        """``(S,)`` timesteps of the DDIM schedule and ``(S,)`` the step each lands on (negative: clean)."""
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = self.scheduler.timesteps.long()
+        return timesteps, default_prev_timestep(self.scheduler, timesteps)
+
+    def _train_step_mask(self, n: int, s: int, eta: float, generator: torch.Generator | None) -> Tensor:
+        """``(N, S)`` bool: the steps GRPO trains on. Never the last (σ → 0, degenerate density, DESIGN §9), none
+        when η = 0 (deterministic, no density), else a random ``train_timestep_fraction`` of the rest per row."""
+        mask = torch.zeros(n, s, dtype=torch.bool)
+        if eta > 0:
+            keep = max(1, round(self.train_timestep_fraction * (s - 1)))
+            order = torch.rand(n, s - 1, generator=generator, device="cpu" if generator is None else generator.device)
+            chosen = order.argsort(dim=1)[:, :keep].cpu()
+            mask[:, : s - 1].scatter_(1, chosen, True)
+        return mask.to(self.device)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        x: Tensor,
+        z: list[str],
+        num_samples: int = 1,
+        greedy: bool = False,
+        eta: float | None = None,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        """``G = num_samples`` next states per ``(x, z)`` by DDIM, recording every step (row ``b * G + g``).
+
+        ``greedy``: deterministic DDIM (η = 0) from a fixed start noise (``seed``), ``G = 1``; such a rollout has
+        no density, so its mask is all False. Returns a ``Rollout`` with ``old_logprobs``/``mask`` ``(N, S)``,
+        ``images`` ``(N, 3, H, W)`` in ``[0, 1]`` and ``context``: ``latents`` ``(N, S+1, C, h, w)``, ``timesteps``
+        and ``prev_timesteps`` ``(S,)``, ``source`` ``(N, C, h, w)``, ``input_ids`` ``(N, L)``, ``eta`` ``()``.
+        """
+        if greedy and num_samples != 1:
+            raise ValueError(f"greedy sampling is deterministic: num_samples must be 1, got {num_samples}")
+        eta = 0.0 if greedy else (self.eta if eta is None else eta)
+        timesteps, prev_timesteps = self._timesteps(num_inference_steps or self.num_inference_steps)
+
+        input_ids = self._tokenize(z).repeat_interleave(num_samples, 0)  # (N, L)
+        text = self._encode_text(input_ids)  # (N, L, D)
+        source = self._encode_source(x).repeat_interleave(num_samples, 0)  # (N, C, h, w)
+        if greedy:
+            # One noise image for every row, so a pair's greedy sample never depends on its batch.
+            start_gen = torch.Generator().manual_seed(self.seed)
+            noise = torch.randn((1, *source.shape[1:]), generator=start_gen).expand_as(source)
+        else:
+            noise_device = "cpu" if generator is None else generator.device
+            noise = torch.randn(source.shape, generator=generator, device=noise_device)
+        latents = [noise.to(source) * self.scheduler.init_noise_sigma]
+        logprobs = []
+        for t, t_prev in zip(timesteps, prev_timesteps):
+            model_output = self._predict(latents[-1], source, text, t)
+            prev_sample, logprob = ddim_step_with_logprob(
+                self.scheduler, model_output, t, latents[-1], eta, generator=generator, prev_timestep=t_prev
+            )
+            latents.append(prev_sample)
+            logprobs.append(logprob)
+
+        n, s = source.shape[0], len(timesteps)
+        mask = self._train_step_mask(n, s, eta, generator)
+        # Masked-out steps are stored as 0 (the last step's density is huge): old and new log-probs then agree
+        # everywhere, and nothing outside the mask can leak an inf into a ratio.
+        old_logprobs = torch.stack(logprobs, dim=1).float().masked_fill(~mask, 0.0)  # (N, S)
+        latents_all = torch.stack(latents, dim=1)  # (N, S+1, C, h, w)
+        return Rollout(
+            group_size=num_samples,
+            old_logprobs=old_logprobs,
+            mask=mask,
+            images=self._decode(latents_all[:, -1]),
+            context={
+                "latents": latents_all,
+                "timesteps": timesteps,
+                "prev_timesteps": prev_timesteps,
+                "source": source,
+                "input_ids": input_ids,
+                "eta": torch.tensor(eta),
+            },
+        )
+
+    def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """``(N, S)`` log-probs of the recorded transitions under the current weights (with grad), and the mask.
+
+        Only masked-in steps are evaluated, all in one UNet batch (per-row timesteps); the rest are 0.
+        """
+        ctx, mask = rollout.context, rollout.mask
+        rows, steps = mask.nonzero(as_tuple=True)  # (M,), (M,) in row-major order, as masked_scatter fills
+        latents = ctx["latents"]
+        sample, prev_sample = latents[rows, steps], latents[rows, steps + 1]  # (M, C, h, w)
+        t, t_prev = ctx["timesteps"][steps], ctx["prev_timesteps"][steps]  # (M,)
+        text = self._encode_text(ctx["input_ids"])[rows]  # (M, L, D), with grad into the text encoder
+        model_output = self._predict(sample, ctx["source"][rows], text, t)
+        _, logprob = ddim_step_with_logprob(
+            self.scheduler, model_output, t, sample, float(ctx["eta"]), prev_sample=prev_sample, prev_timestep=t_prev
+        )
+        logprobs = torch.zeros(mask.shape, device=logprob.device, dtype=torch.float32)
+        return logprobs.masked_scatter(mask, logprob.float()), mask
+
+    @torch.no_grad()
+    def log_likelihood(
+        self, x: Tensor, z: list[str], y: Tensor, group_size: int = 1, seed: int | None = None
+    ) -> Tensor:
+        """``(B,)`` ELBO-style estimate of ``log P(y | x, z)``: minus the mean denoising error over ``elbo_draws``.
+
+        Rows in consecutive blocks of ``group_size`` share the same ``(t, ε)`` draws, so that in a group's
+        relative advantages the estimator's noise cancels and only ``z`` differs. ``seed`` makes it deterministic
+        (the global RNG is used when ``None``). ``t`` is stratified: draw ``k`` lies in the ``k``-th of
+        ``elbo_draws`` equal slices of ``[0, T)``, which lowers the variance of a few-draw estimate.
+        """
+        b = x.shape[0]
+        if b % group_size:
+            raise ValueError(f"batch of {b} is not a whole number of groups of {group_size}")
+        source, target = self._encode_source(x), self._encode_target(y)
+        text = self._encode_text(self._tokenize(z))
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        k, n_groups, num_t = self.elbo_draws, b // group_size, self.scheduler.config.num_train_timesteps
+        u = torch.rand(n_groups, k, generator=gen)
+        t = ((torch.arange(k) + u) * num_t / k).long().clamp(max=num_t - 1)  # (n_groups, K)
+        noise = torch.randn((n_groups, k, *target.shape[1:]), generator=gen)  # (n_groups, K, C, h, w)
+        errors = [
+            self._denoising_error(
+                source,
+                target,
+                text,
+                t[:, i].repeat_interleave(group_size).to(self.device),
+                noise[:, i].repeat_interleave(group_size, 0).to(target),
+            )
+            for i in range(k)
+        ]
+        return -torch.stack(errors, dim=1).mean(dim=1)  # (B,)

@@ -1,0 +1,257 @@
+"""``VLMIDM``: the inverse dynamics model ``Q_φ(z | x, y)`` as any transformers image-text-to-text VLM.
+
+One user turn holds the two images and the prompt; the assistant answer is the action text, closed by the
+tokenizer's end-of-sequence token. Every score (SFT loss, Phase I reward, GRPO log-probs, old log-probs) goes
+through ``_completion_logprobs``, so that the GRPO ratio is exactly 1 before any update.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature
+
+from swirl_vl.models.base import InverseDynamicsModel, Rollout, missing_checkpoint_error
+from swirl_vl.models.tiny_vlm import build_tiny_llava, build_tiny_qwen2_5_vl
+
+TINY_BUILDERS = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl}
+
+_TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
+"""Per-token processor outputs besides ids and mask that a completion must extend (text tokens are type 0)."""
+
+
+class VLMIDM(InverseDynamicsModel):
+    """An ``AutoModelForImageTextToText`` + ``AutoProcessor`` folder used as the IDM.
+
+    Args:
+        path: model folder in the Hugging Face format (e.g. a downloaded ``Qwen/Qwen2.5-VL-3B-Instruct``).
+        build_tiny: if ``path`` does not exist, build a tiny random model of this architecture there first.
+        seed: initialisation seed of the tiny model.
+        prompt: user text that follows the two images.
+        max_new_tokens: default cap on the length of sampled actions, in tokens.
+        image_size: side of the square images the tiny model is built for, in pixels.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        build_tiny: Literal["llava", "qwen2_5_vl"] | None = None,
+        seed: int = 0,
+        prompt: str = "Which action turns the first image into the second?",
+        max_new_tokens: int = 24,
+        image_size: int = 32,
+    ) -> None:
+        super().__init__()
+        folder = Path(path)
+        if not folder.exists():
+            if build_tiny is None:
+                raise missing_checkpoint_error(
+                    folder,
+                    "IDM model folder",
+                    f"Download one, e.g. `huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct --local-dir {folder}`, "
+                    "or set `build_tiny: llava` (or `qwen2_5_vl`) to build a tiny random model there.",
+                )
+            _build_atomically(folder, build_tiny, seed=seed, image_size=image_size)
+        self.model = AutoModelForImageTextToText.from_pretrained(folder)
+        self.processor = AutoProcessor.from_pretrained(folder)
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.image_size = image_size
+
+        tokenizer = self.processor.tokenizer
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        # Prompts are padded on the left so that every completion starts in the same column: generation needs it,
+        # and scoring then keeps logits for the last L + 1 positions only.
+        tokenizer.padding_side = "left"
+        self.eos_token_id: int = tokenizer.eos_token_id
+        self.pad_token_id: int = tokenizer.pad_token_id
+        gen_eos = self.model.generation_config.eos_token_id
+        gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
+        # Any of these ends an answer (Qwen checkpoints stop on <|im_end|> or <|endoftext|>).
+        self.register_buffer("stop_token_ids", torch.tensor(sorted({self.eos_token_id, *gen_eos})), persistent=False)
+        # Multimodal-RoPE models (Qwen2-VL family) derive 3-D positions from the image grid themselves.
+        self._mrope = hasattr(self.model.model, "get_rope_index")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> VLMIDM:
+        """Load a folder written by ``save_pretrained`` or a real checkpoint; ``kwargs`` as ``__init__``."""
+        return cls(str(path), **kwargs)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+    @property
+    def device(self) -> torch.device:
+        return self.stop_token_ids.device
+
+    def sft_loss(self, x: Tensor, y: Tensor, z: list[str]) -> Tensor:
+        """Mean NLL over all answer tokens (end-of-sequence included) of the batch; scalar."""
+        logp, mask = self._answer_logprobs(x, y, z)
+        return -(logp * mask).sum() / mask.sum()
+
+    @torch.no_grad()
+    def log_likelihood(self, x: Tensor, y: Tensor, z: list[str]) -> Tensor:
+        """``(B,)`` mean-token ``log Q(z | x, y)`` over the answer tokens and end-of-sequence."""
+        logp, mask = self._answer_logprobs(x, y, z)
+        return (logp * mask).sum(1) / mask.sum(1)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        x: Tensor,
+        y: Tensor,
+        num_samples: int = 1,
+        greedy: bool = False,
+        temperature: float = 0.7,
+        top_k: int = 50,
+        max_new_tokens: int | None = None,
+    ) -> Rollout:
+        """``N = B * num_samples`` actions, group-major, from one batched ``generate`` call.
+
+        ``x``, ``y``: ``(B, 3, H, W)`` in ``[0, 1]``. Old log-probs are temperature-1 model log-probs, as
+        ``rollout_logprobs`` computes them.
+        """
+        if greedy and num_samples != 1:
+            raise ValueError(f"greedy decoding gives one action per pair; got num_samples={num_samples}")
+        prompt = self._prompt_inputs(x, y)
+        batch, prompt_len = prompt["input_ids"].shape
+        sampling = {} if greedy else {"temperature": temperature, "top_k": top_k}
+        sequences = self.model.generate(
+            **prompt,
+            do_sample=not greedy,
+            **sampling,
+            # Set explicitly so that a checkpoint's generation_config.json cannot reshape the policy.
+            top_p=1.0,
+            repetition_penalty=1.0,
+            num_return_sequences=num_samples,
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            eos_token_id=self.stop_token_ids.tolist(),
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+        )
+        completion = sequences[:, prompt_len:]  # (N, L)
+        mask = self._until_first_stop(completion)
+        completion = completion.masked_fill(~mask, self.pad_token_id)
+        texts = [t.strip() for t in self.processor.tokenizer.batch_decode(completion, skip_special_tokens=True)]
+
+        context = _extend(_repeat_groups(prompt, batch, num_samples), completion, mask)
+        old_logprobs = self._completion_logprobs(context, completion.shape[1])
+        return Rollout(group_size=num_samples, old_logprobs=old_logprobs, mask=mask, texts=texts, context=context)
+
+    def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """Per-token log-probs ``(N, L)`` of the rollout's actions under the current weights (with grad), and mask."""
+        return self._completion_logprobs(rollout.context, rollout.mask.shape[1]), rollout.mask
+
+    def _prompt_inputs(self, x: Tensor, y: Tensor) -> BatchFeature:
+        """Processor outputs for ``B`` user turns ``[image x, image y, prompt]``, left-padded."""
+        assert x.shape == y.shape and x.ndim == 4, (x.shape, y.shape)
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": self.prompt}]}
+        ]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # Generated images may overshoot [0, 1] slightly; the processor only normalises (no PIL round trip).
+        x, y = x.detach().float().clamp(0, 1), y.detach().float().clamp(0, 1)
+        images = [[xi, yi] for xi, yi in zip(x, y)]
+        inputs = self.processor(
+            text=[text] * len(images), images=images, padding=True, do_rescale=False, return_tensors="pt"
+        )
+        return inputs.to(self.device)
+
+    def _answer_logprobs(self, x: Tensor, y: Tensor, z: list[str]) -> tuple[Tensor, Tensor]:
+        """Per-token log-probs ``(B, L)`` of ``z`` + end-of-sequence given the prompt, and their mask."""
+        assert len(z) == x.shape[0], (len(z), x.shape)
+        ids = self.processor.tokenizer(list(z), add_special_tokens=False)["input_ids"]
+        answers = [row + [self.eos_token_id] for row in ids]
+        length = max(len(row) for row in answers)
+        completion = torch.full((len(answers), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(answers), length, dtype=torch.bool)
+        for i, row in enumerate(answers):
+            completion[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = True
+        completion, mask = completion.to(self.device), mask.to(self.device)
+        inputs = _extend(self._prompt_inputs(x, y), completion, mask)
+        return self._completion_logprobs(inputs, length), mask
+
+    def _completion_logprobs(self, inputs: Mapping[str, Tensor], length: int) -> Tensor:
+        """``(N, L)`` log-probs of the last ``L = length`` tokens of ``inputs["input_ids"]``, temperature 1."""
+        kwargs = dict(inputs)
+        if not self._mrope:
+            # As generate() does: positions count real tokens only, so left padding shifts nothing.
+            kwargs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        # Logits at positions T-L-1 .. T-2 predict the L completion tokens; the last position predicts nothing.
+        logits = self.model(**kwargs, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
+        return selective_log_softmax(logits, inputs["input_ids"][:, -length:])
+
+    def _until_first_stop(self, completion: Tensor) -> Tensor:
+        """``(N, L)`` bool: tokens up to and including the first stop token (or all, if none)."""
+        is_stop = torch.isin(completion, self.stop_token_ids)
+        stops_before = is_stop.long().cumsum(1) - is_stop.long()
+        return stops_before == 0
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
+    """``log_softmax(logits)`` gathered at ``index``: ``(N, L, V), (N, L) -> (N, L)``, float32.
+
+    Row by row with ``gather - logsumexp``, so that no ``(N, L, V)`` log-softmax tensor is materialised (a
+    150k-token vocabulary makes it gigabytes); only one row's float32 copy exists at a time in the forward pass.
+    """
+    rows = []
+    for row_logits, row_index in zip(logits, index):
+        row_logits = row_logits.float()
+        rows.append(row_logits.gather(-1, row_index[:, None]).squeeze(-1) - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+def _repeat_groups(inputs: Mapping[str, Tensor], batch: int, group_size: int) -> dict[str, Tensor]:
+    """Repeat each example's block of every processor output ``group_size`` times, group-major.
+
+    Outputs are laid out per example (``input_ids``: one row each) or per image (``pixel_values``,
+    ``image_grid_thw``: two images, or two images' patches, each); all examples have equally many, so each
+    tensor splits evenly into ``batch`` blocks.
+    """
+    out = {}
+    for key, value in inputs.items():
+        assert value.shape[0] % batch == 0, (key, value.shape, batch)
+        blocks = value.reshape(batch, value.shape[0] // batch, *value.shape[1:])
+        out[key] = blocks.repeat_interleave(group_size, dim=0).flatten(0, 1)
+    return out
+
+
+def _extend(inputs: Mapping[str, Tensor], completion: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Append the completion ``(N, L)`` to the prompt's per-token tensors; image tensors are kept as they are."""
+    out = dict(inputs)
+    out["input_ids"] = torch.cat([inputs["input_ids"], completion], dim=1)
+    out["attention_mask"] = torch.cat([inputs["attention_mask"], mask.to(inputs["attention_mask"].dtype)], dim=1)
+    for key in _TOKEN_TYPE_KEYS:
+        if key in inputs:
+            out[key] = torch.cat([inputs[key], torch.zeros_like(completion, dtype=inputs[key].dtype)], dim=1)
+    return out
+
+
+def _build_atomically(path: Path, architecture: str, seed: int, image_size: int) -> None:
+    """Build a tiny model in a temporary sibling folder, then rename it to ``path``.
+
+    The rename is atomic, so concurrent ranks and crashed runs never leave a half-written folder at ``path``;
+    a rank that loses the race discards its copy (all ranks build the same seeded weights).
+    """
+    if architecture not in TINY_BUILDERS:
+        raise ValueError(f"build_tiny must be one of {sorted(TINY_BUILDERS)}; got {architecture!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        TINY_BUILDERS[architecture](tmp, seed=seed, image_size=image_size)
+        os.rename(tmp, path)
+    except OSError:
+        if not path.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,153 @@
+"""VLMIDM on both tiny architectures: loading, scoring identities, sampling layout, learning, save/load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from swirl_vl.models import idm as idm_module
+from swirl_vl.models.idm import VLMIDM, _extend, selective_log_softmax
+
+ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+ACTIONS = [
+    "move the red circle left",
+    "paint the blue square yellow",
+    "remove the green triangle",
+    "add a red square at row 2 column 3",
+]
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def tiny_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model folder per architecture, built once through VLMIDM's build-if-missing path."""
+    path = tmp_path_factory.mktemp(request.param) / "idm"
+    VLMIDM(str(path), build_tiny=request.param)
+    return path
+
+
+@pytest.fixture
+def idm(tiny_path: Path) -> VLMIDM:
+    torch.manual_seed(0)
+    return VLMIDM.from_pretrained(tiny_path)
+
+
+@pytest.fixture
+def pairs() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(4, 3, 32, 32, generator=g), torch.rand(4, 3, 32, 32, generator=g), list(ACTIONS)
+
+
+def test_folder_loads_with_plain_auto_classes(tiny_path: Path) -> None:
+    config = json.loads((tiny_path / "config.json").read_text())
+    assert config["architectures"] == [ARCHITECTURES[config["model_type"]]]
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path)
+    processor = AutoProcessor.from_pretrained(tiny_path)
+    assert type(model).__name__ == ARCHITECTURES[config["model_type"]]
+    assert processor.chat_template
+    assert (tiny_path / "model.safetensors").exists() and (tiny_path / "tokenizer.json").exists()
+
+
+def test_sft_loss_and_log_likelihood_agree(idm: VLMIDM, pairs) -> None:
+    x, y, z = pairs
+    loss = idm.sft_loss(x, y, z)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
+    ll = idm.log_likelihood(x, y, z)
+    assert ll.shape == (4,) and torch.isfinite(ll).all() and not ll.requires_grad
+    torch.testing.assert_close(ll[:1], -idm.sft_loss(x[:1], y[:1], z[:1]).detach().reshape(1))
+    # Batching (answers of different lengths, right-padded) does not change a row's score.
+    torch.testing.assert_close(ll[3:], idm.log_likelihood(x[3:], y[3:], z[3:]), atol=1e-5, rtol=1e-5)
+
+
+def test_sample_layout_and_old_logprobs(idm: VLMIDM, pairs) -> None:
+    x, y, _ = pairs
+    b, g = 2, 3
+    rollout = idm.sample(x[:b], y[:b], num_samples=g, max_new_tokens=6)
+    n = b * g
+    assert rollout.group_size == g and rollout.num_samples == n and len(rollout.texts) == n
+    assert rollout.old_logprobs.shape == rollout.mask.shape and rollout.mask.shape[0] == n
+    assert rollout.mask.shape[1] <= 6 and rollout.mask[:, 0].all()
+    logp, mask = idm.rollout_logprobs(rollout)
+    assert logp.requires_grad and torch.equal(mask, rollout.mask)
+    torch.testing.assert_close(logp.detach(), rollout.old_logprobs)
+
+    # Group-major: row b * G + g is scored against pair b alone.
+    length = rollout.mask.shape[1]
+    completion = rollout.context["input_ids"][:, -length:]
+    for row in range(n):
+        pair = idm._prompt_inputs(x[row // g : row // g + 1], y[row // g : row // g + 1])
+        alone = idm._completion_logprobs(_extend(pair, completion[row : row + 1], mask[row : row + 1]), length)
+        torch.testing.assert_close(alone[0][mask[row]], rollout.old_logprobs[row][mask[row]], atol=1e-5, rtol=1e-5)
+
+    greedy = idm.sample(x[:b], y[:b], greedy=True, max_new_tokens=6)
+    assert len(greedy.texts) == b and greedy.group_size == 1
+    with pytest.raises(ValueError, match="greedy"):
+        idm.sample(x[:b], y[:b], num_samples=2, greedy=True)
+
+
+def test_completion_mask_stops_after_first_eos(idm: VLMIDM) -> None:
+    eos, other = idm.eos_token_id, idm.eos_token_id + 1
+    completion = torch.tensor([[other, eos, other, eos], [other, other, other, other], [eos, other, other, other]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(idm._until_first_stop(completion), expected)
+
+
+def test_selective_log_softmax_matches_log_softmax() -> None:
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0))
+    index = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(1))
+    expected = logits.log_softmax(-1).gather(-1, index[..., None]).squeeze(-1)
+    torch.testing.assert_close(selective_log_softmax(logits, index), expected)
+
+
+def test_sft_raises_log_likelihood_of_targets(idm: VLMIDM, pairs) -> None:
+    x, y, z = pairs
+    before = idm.log_likelihood(x, y, z)
+    optimiser = torch.optim.Adam(idm.parameters(), lr=1e-3)
+    for _ in range(20):
+        optimiser.zero_grad()
+        idm.sft_loss(x, y, z).backward()
+        optimiser.step()
+    after = idm.log_likelihood(x, y, z)
+    assert (after > before + 1.0).all(), (before, after)
+
+
+def test_prompt_setting_changes_scores(tiny_path: Path, pairs) -> None:
+    x, y, z = pairs
+    default = VLMIDM.from_pretrained(tiny_path).log_likelihood(x, y, z)
+    other = VLMIDM.from_pretrained(tiny_path, prompt="Name the edit.").log_likelihood(x, y, z)
+    assert not torch.allclose(default, other)
+
+
+def test_save_pretrained_round_trip(idm: VLMIDM, pairs, tmp_path: Path) -> None:
+    x, y, z = pairs
+    with torch.no_grad():  # move away from the stored initialisation so that the test sees the saved weights
+        next(idm.model.parameters()).add_(0.01)
+    idm.save_pretrained(tmp_path / "saved")
+    reloaded = VLMIDM.from_pretrained(tmp_path / "saved")
+    torch.testing.assert_close(reloaded.log_likelihood(x, y, z), idm.log_likelihood(x, y, z), rtol=0, atol=0)
+
+
+def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "no-such-idm"
+    with pytest.raises(FileNotFoundError, match="no-such-idm") as info:
+        VLMIDM(str(path))
+    assert "build_tiny" in str(info.value) and not path.exists()
+
+
+def test_tiny_build_loses_race_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank whose rename finds the folder already written by another rank keeps that one and cleans up."""
+    path = tmp_path / "idm"
+
+    def build_while_another_rank_finishes(tmp: Path, seed: int, image_size: int) -> Path:
+        (Path(tmp) / "config.json").write_text("{}")
+        path.mkdir()
+        (path / "config.json").write_text('{"winner": true}')
+        return Path(tmp)
+
+    monkeypatch.setitem(idm_module.TINY_BUILDERS, "llava", build_while_another_rank_finishes)
+    idm_module._build_atomically(path, "llava", seed=0, image_size=32)
+    assert json.loads((path / "config.json").read_text()) == {"winner": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["idm"]
