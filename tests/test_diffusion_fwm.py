@@ -1,11 +1,12 @@
 """DiffusionFWM on the tiny pixel-space InstructPix2Pix: loading, SFT, rollouts and their log-probs, the ELBO."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, EulerAncestralDiscreteScheduler, UNet2DConditionModel
 from torch.testing import assert_close
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -43,6 +44,8 @@ def test_tiny_folder_has_the_instruct_pix2pix_layout_and_loads_with_plain_classe
     # Grammar words are single tokens; any other text still tokenizes, into byte-level characters.
     for word in SPRITE_WORDS:
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    # Fixed ids: the vocabulary is the same in every process (no hash-order tie-breaking).
+    assert tokenizer("move the red circle left").input_ids == [588, 519, 582, 577, 543, 565, 589]
     ids = tokenizer("Make the man stand up!", add_special_tokens=False).input_ids
     assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == "make the man stand up !"
 
@@ -67,7 +70,7 @@ def test_sft_loss_is_finite_and_trains_unet_and_text_encoder(fwm: DiffusionFWM) 
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert fwm.unet.conv_in.weight.grad.abs().sum() > 0
-    assert fwm.text_encoder.text_model.embeddings.token_embedding.weight.grad.abs().sum() > 0
+    assert fwm.text_encoder.get_input_embeddings().weight.grad.abs().sum() > 0
 
 
 def test_sample_shapes_group_order_and_mask(tiny_path: Path) -> None:
@@ -90,7 +93,8 @@ def test_sample_shapes_group_order_and_mask(tiny_path: Path) -> None:
 def test_greedy_is_deterministic_batch_independent_and_untrainable(fwm: DiffusionFWM) -> None:
     a = fwm.sample(images(2), ACTIONS, greedy=True)
     b = fwm.sample(images(2)[1:], ACTIONS[1:], greedy=True)
-    assert_close(a.images[1:], b.images)
+    # Same start noise for every row; only float rounding of a different batch size separates the two.
+    assert_close(a.images[1:], b.images, atol=1e-4, rtol=1e-3)
     assert not a.mask.any()
     with pytest.raises(ValueError, match="greedy"):
         fwm.sample(images(2), ACTIONS, num_samples=2, greedy=True)
@@ -153,6 +157,42 @@ def test_save_pretrained_round_trip(fwm: DiffusionFWM, tmp_path: Path) -> None:
     for name, p in fwm.state_dict().items():
         assert torch.equal(p, loaded.state_dict()[name]), name
     loaded.num_inference_steps = fwm.num_inference_steps
-    assert torch.equal(fwm.sample(images(1), ACTIONS[:1], greedy=True).images,
-                       loaded.sample(images(1), ACTIONS[:1], greedy=True).images)
+    assert torch.equal(
+        fwm.sample(images(1), ACTIONS[:1], greedy=True).images,
+        loaded.sample(images(1), ACTIONS[:1], greedy=True).images,
+    )
     assert torch.equal(fwm._tokenize(ACTIONS), loaded._tokenize(ACTIONS))
+
+
+def test_latent_space_folder_with_vae_like_timbrooks_instruct_pix2pix(tiny_path: Path, tmp_path: Path) -> None:
+    """A real-layout folder: a VAE, an 8-in / 4-out latent UNet and an Euler-ancestral scheduler config."""
+    folder = tmp_path / "latent"
+    shutil.copytree(tiny_path, folder)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+    vae.save_pretrained(folder / "vae")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    config = {**unet.config, "in_channels": 8, "out_channels": 4, "sample_size": 16}
+    UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    shutil.rmtree(folder / "scheduler")
+    EulerAncestralDiscreteScheduler(beta_schedule="scaled_linear", steps_offset=1).save_pretrained(folder / "scheduler")
+
+    fwm = DiffusionFWM(str(folder), num_inference_steps=3)
+    assert fwm.vae is not None and not any(p.requires_grad for p in fwm.vae.parameters())
+    fwm.train()
+    assert not fwm.vae.training
+    assert torch.isfinite(fwm.sft_loss(images(2), ACTIONS, images(2, seed=1)))
+    rollout = fwm.sample(images(2), ACTIONS, num_samples=2)
+    assert rollout.images.shape == (4, 3, 32, 32)
+    assert rollout.context["latents"].shape == (4, 4, 4, 16, 16)
+    assert_close(fwm.rollout_logprobs(rollout)[0], rollout.old_logprobs)
+    assert fwm.log_likelihood(images(2), ACTIONS, images(2, seed=1), seed=0).shape == (2,)
+    fwm.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
+    assert AutoencoderKL.from_pretrained(tmp_path / "saved", subfolder="vae").config.latent_channels == 4

@@ -21,7 +21,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from swirl_vl.models.base import ForwardWorldModel, Rollout, missing_checkpoint_error
 from swirl_vl.models.tiny_diffusion import build_tiny_instruct_pix2pix, write_model_index
-from swirl_vl.rl.ddim import default_prev_timestep, ddim_step_with_logprob
+from swirl_vl.rl.ddim import ddim_step_with_logprob, default_prev_timestep
 
 
 class DiffusionFWM(ForwardWorldModel):
@@ -69,13 +69,16 @@ class DiffusionFWM(ForwardWorldModel):
         self.image_size = image_size
 
         if not self.path.exists() and build_tiny:
-            build_tiny_instruct_pix2pix(self.path, seed=seed, image_size=image_size)
+            try:
+                build_tiny_instruct_pix2pix(self.path, seed=seed, image_size=image_size)
+            except FileExistsError:
+                pass  # another process (a DDP rank) built it between our check and our build
         if not (self.path / "model_index.json").exists():
             raise missing_checkpoint_error(
                 self.path,
                 "InstructPix2Pix diffusers folder (model_index.json)",
                 "Download one, e.g. `huggingface-cli download timbrooks/instruct-pix2pix --local-dir <path>`, "
-                "or set build_tiny=True (--model.build_tiny true) to build a tiny random model there.",
+                "or set build_tiny=True to build a tiny random model there (when the path does not exist yet).",
             )
         self.unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet")
         self.text_encoder = CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder")
@@ -168,7 +171,11 @@ class DiffusionFWM(ForwardWorldModel):
     # --- ForwardWorldModel ---------------------------------------------------------------------------------------
 
     def sft_loss(self, x: Tensor, z: list[str], y: Tensor) -> Tensor:
-        """Noise-prediction MSE at uniformly random ``t`` (scalar); ``x``, ``y``: ``(B, 3, H, W)`` in ``[0, 1]``."""
+        """Denoising MSE at uniformly random ``t`` (scalar); ``x``, ``y``: ``(B, 3, H, W)`` in ``[0, 1]``.
+
+        The regression target is what the scheduler's ``prediction_type`` names: ε (InstructPix2Pix), x_0 (the
+        tiny pixel model) or v.
+        """
         source, target = self._encode_source(x), self._encode_target(y)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (target.shape[0],), device=self.device)
         noise = torch.randn_like(target)
@@ -261,6 +268,8 @@ class DiffusionFWM(ForwardWorldModel):
         Only masked-in steps are evaluated, all in one UNet batch (per-row timesteps); the rest are 0.
         """
         ctx, mask = rollout.context, rollout.mask
+        if not mask.any():  # greedy (η = 0) rollouts: nothing has a density, nothing to train
+            return torch.zeros(mask.shape, device=mask.device), mask
         rows, steps = mask.nonzero(as_tuple=True)  # (M,), (M,) in row-major order, as masked_scatter fills
         latents = ctx["latents"]
         sample, prev_sample = latents[rows, steps], latents[rows, steps + 1]  # (M, C, h, w)
@@ -278,6 +287,9 @@ class DiffusionFWM(ForwardWorldModel):
         self, x: Tensor, z: list[str], y: Tensor, group_size: int = 1, seed: int | None = None
     ) -> Tensor:
         """``(B,)`` ELBO-style estimate of ``log P(y | x, z)``: minus the mean denoising error over ``elbo_draws``.
+
+        Unweighted over ``t`` (as the SFT loss; the ELBO proper weights each ``t``), so it ranks actions ``z`` for
+        the same ``(x, y)``, which is all a group-relative reward needs, but is no calibrated log-density.
 
         Rows in consecutive blocks of ``group_size`` share the same ``(t, ε)`` draws, so that in a group's
         relative advantages the estimator's noise cancels and only ``z`` differs. ``seed`` makes it deterministic

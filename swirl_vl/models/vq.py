@@ -58,7 +58,7 @@ def vq_decode(vq: VQModel, codes: Tensor, grid: tuple[int, int]) -> Tensor:
 
 def render_tensor(state: sprites.SpriteState) -> Tensor:
     """``(3, 32, 32)`` float image in ``[0, 1]`` of a sprite state."""
-    return torch.from_numpy(np.asarray(sprites.render(state))).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(np.array(sprites.render(state))).permute(2, 0, 1).float() / 255
 
 
 def sprite_roundtrip_accuracy(vq: VQModel, num_states: int = 1000, seed: int = 0, batch_size: int = 250) -> float:

@@ -1,0 +1,302 @@
+"""``TokenFWM``: the forward world model as a causal LM over text + VQ image tokens (Liquid / Emu3 / Chameleon-style).
+
+Sequence layout of one example (a batch is left-padded, so ``y``'s codes always fill the last ``L`` positions):
+
+    <|bos|> <|boi|> x_1 … x_L <|eoi|> action text <|boi|> y_1 … y_L
+    └──────────────────── prompt ───────────────────────┘ └─ target ─┘
+
+``x_i`` / ``y_i`` are image-code tokens ``<|img_k|>`` (``k`` = the VQ codebook index) in raster order over the
+VQ's ``h × w`` grid, ``L = h*w``. The policy over each target token is the softmax restricted to the ``K``
+image-code tokens (every other logit is ``-inf``); SFT, sampling, ``rollout_logprobs`` and ``log_likelihood`` all
+use this one restriction, so the sampler's distribution and the scored one agree. No ``<|eoi|>`` is scored or
+generated after ``y``: an image always has exactly ``L`` tokens.
+
+Model folder: a transformers causal-LM folder (``config.json``, safetensors, tokenizer files) plus ``vq/``, a
+diffusers ``VQModel`` folder (the image tokenizer, frozen).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import VQModel
+from torch import Tensor
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
+from typing_extensions import override
+
+from swirl_vl.models.base import ForwardWorldModel, Rollout, missing_checkpoint_error
+from swirl_vl.models.text import build_text_tokenizer
+from swirl_vl.models.vq import SHIPPED_SPRITE_VQ, vq_decode, vq_encode, vq_grid
+
+BOI, EOI = "<|boi|>", "<|eoi|>"
+
+
+def image_token(code: int) -> str:
+    """The vocabulary entry of VQ code ``code``."""
+    return f"<|img_{code}|>"
+
+
+class RestrictToImageTokens(LogitsProcessor):
+    """Sets every logit outside the image-code tokens to ``-inf`` (runs before temperature / top-p in ``generate``)."""
+
+    def __init__(self, image_token_ids: Tensor) -> None:
+        self.image_token_ids = image_token_ids
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        restricted = torch.full_like(scores, float("-inf"))
+        restricted[:, self.image_token_ids] = scores[:, self.image_token_ids]
+        return restricted
+
+
+class TokenFWM(ForwardWorldModel):
+    """``P_θ(y | x, z)`` as next-token prediction of ``y``'s VQ codes after ``x``'s codes and the action text."""
+
+    def __init__(
+        self, path: str, build_tiny: bool = False, seed: int = 0, vq_path: str | None = None, image_size: int = 32
+    ) -> None:
+        """
+        Args:
+            path: model folder (causal LM + tokenizer + ``vq/``).
+            build_tiny: when ``path`` holds no model, write a tiny randomly initialised one there first.
+            seed: initialisation seed of the tiny model.
+            vq_path: image tokenizer folder; default ``<path>/vq``. The tiny builder copies it (default: the
+                shipped sprite-world tokenizer) into ``<path>/vq``.
+            image_size: side in pixels the VQ sees; other input sizes are resized to it.
+        """
+        super().__init__()
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            if not build_tiny:
+                raise missing_checkpoint_error(
+                    path,
+                    "TokenFWM checkpoint",
+                    "Download a Liquid/Emu3-style causal LM whose vocabulary holds the image-code tokens "
+                    f"'{image_token(0)}'… plus '{BOI}'/'{EOI}', with its diffusers VQModel in a 'vq/' subfolder, "
+                    "or set build_tiny: true to write a tiny randomly initialised model there.",
+                )
+            build_tiny_token_fwm(folder, seed=seed, vq_path=vq_path)
+        self.image_size = image_size
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.lm = AutoModelForCausalLM.from_pretrained(folder)
+        self.vq = VQModel.from_pretrained(vq_path or folder / "vq")
+        self.vq.requires_grad_(False).eval()
+        self.grid = vq_grid(self.vq, image_size)
+        self.num_image_tokens = self.grid[0] * self.grid[1]
+
+        num_codes = self.vq.config.num_vq_embeddings
+        ids = self.tokenizer.convert_tokens_to_ids([image_token(k) for k in range(num_codes)] + [BOI, EOI])
+        if any(i is None or i == self.tokenizer.unk_token_id for i in ids):
+            raise ValueError(
+                f"the tokenizer at '{path}' lacks image tokens: it needs '{image_token(0)}'…"
+                f"'{image_token(num_codes - 1)}' (one per VQ code), '{BOI}' and '{EOI}'"
+            )
+        self.boi_id, self.eoi_id = ids[-2:]
+        # code k ↔ token id; token_to_code maps every non-image token to -1.
+        self.register_buffer("code_token_ids", torch.tensor(ids[:-2]), persistent=False)
+        token_to_code = torch.full((len(self.tokenizer),), -1, dtype=torch.long)
+        token_to_code[self.code_token_ids] = torch.arange(num_codes)
+        self.register_buffer("token_to_code", token_to_code, persistent=False)
+
+    @override
+    def train(self, mode: bool = True) -> TokenFWM:
+        super().train(mode)
+        self.vq.eval()  # the tokenizer is frozen: its codes must not depend on the module's mode
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.code_token_ids.device
+
+    # ---------------------------------------------------------------------------------------- sequences
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` → VQ codes ``(B, L)``; resized to ``image_size`` first if needed."""
+        images = images.to(self.device, torch.float32)
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
+        return vq_encode(self.vq, images.clamp(0, 1))
+
+    def decode_codes(self, codes: Tensor) -> Tensor:
+        """VQ codes ``(N, L)`` → images ``(N, 3, image_size, image_size)`` in ``[0, 1]``."""
+        return vq_decode(self.vq, codes, self.grid)
+
+    def prompt_ids(self, x: Tensor, z: list[str]) -> tuple[Tensor, Tensor]:
+        """Left-padded prompts ``<bos> <boi> x <eoi> z <boi>``: ids and attention mask, both ``(B, T)``."""
+        if len(z) != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} images but {len(z)} actions")
+        x_tokens = self.code_token_ids[self.encode_images(x)].tolist()  # (B, L)
+        texts = self.tokenizer(list(z), add_special_tokens=False)["input_ids"]
+        rows = [
+            [self.tokenizer.bos_token_id, self.boi_id, *xt, self.eoi_id, *text, self.boi_id]
+            for xt, text in zip(x_tokens, texts)
+        ]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def pair_ids(self, x: Tensor, z: list[str], y: Tensor) -> tuple[Tensor, Tensor]:
+        """Prompt followed by ``y``'s code tokens: ids and attention mask ``(B, T + L)``."""
+        ids, mask = self.prompt_ids(x, z)
+        y_tokens = self.code_token_ids[self.encode_images(y)]  # (B, L)
+        return torch.cat([ids, y_tokens], 1), torch.cat([mask, torch.ones_like(y_tokens)], 1)
+
+    def code_logprobs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """``(N, L)`` log-probs, under the policy restricted to image codes, of the last ``L`` tokens of each row."""
+        L = self.num_image_tokens
+        # The same positions generate() uses for left-padded rows, so scoring matches sampling for any position code.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=L + 1,  # only the tail is scored: a real model's 200k-word head stays cheap
+            use_cache=False,
+        )
+        logits = out.logits[:, :-1, self.code_token_ids].float()  # (N, L, K): position t predicts token t + 1
+        targets = self.token_to_code[input_ids[:, -L:]]  # (N, L)
+        return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    # ---------------------------------------------------------------------------------------- interface
+
+    @override
+    def sft_loss(self, x: Tensor, z: list[str], y: Tensor) -> Tensor:
+        """Mean negative log-likelihood of ``y``'s ``L`` code tokens (restricted policy), over the batch."""
+        return -self.code_logprobs(*self.pair_ids(x, z, y)).mean()
+
+    @override
+    @torch.no_grad()
+    def sample(
+        self,
+        x: Tensor,
+        z: list[str],
+        num_samples: int = 1,
+        greedy: bool = False,
+        temperature: float = 0.75,
+        top_p: float = 0.96,
+    ) -> Rollout:
+        """``G = num_samples`` next states per ``(x, z)``, rows group-major (row ``b*G + g``), in one ``generate``.
+
+        Returns images ``(B*G, 3, H, W)`` in ``[0, 1]``, ``old_logprobs`` / ``mask`` ``(B*G, L)`` and
+        ``context = {"input_ids", "attention_mask"}`` ``(B*G, T + L)``. ``greedy`` takes the argmax (``G = 1``).
+        """
+        if greedy and num_samples != 1:
+            raise ValueError(f"greedy decoding is deterministic: use num_samples=1, not {num_samples}")
+        ids, mask = self.prompt_ids(x, z)
+        ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
+        L = self.num_image_tokens
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        config = GenerationConfig(
+            max_new_tokens=L,
+            min_new_tokens=L,
+            top_k=None,  # the paper samples image tokens with temperature and top-p only
+            pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            eos_token_id=None,  # an image is exactly L tokens; nothing may end it early
+            use_cache=True,
+            **sampling,
+        )
+        sequences = self.lm.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([RestrictToImageTokens(self.code_token_ids)]),
+        )  # (N, T + L)
+        full_mask = torch.cat([mask, torch.ones_like(mask[:, :L])], 1)
+        images = self.decode_codes(self.token_to_code[sequences[:, -L:]])
+        context = {"input_ids": sequences, "attention_mask": full_mask}
+        # Scored by the same function as in the update, so the GRPO ratio is exactly 1 before the first step.
+        old_logprobs = self.code_logprobs(sequences, full_mask)
+        return Rollout(
+            group_size=num_samples,
+            old_logprobs=old_logprobs,
+            mask=torch.ones_like(old_logprobs, dtype=torch.bool),
+            images=images,
+            context=context,
+        )
+
+    @override
+    def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """Log-probs ``(N, L)`` of the rollout's code tokens under the current weights (with grad), and the mask."""
+        logp = self.code_logprobs(rollout.context["input_ids"], rollout.context["attention_mask"])
+        return logp, rollout.mask
+
+    @override
+    @torch.no_grad()
+    def log_likelihood(self, x: Tensor, z: list[str], y: Tensor, group_size: int = 1) -> Tensor:
+        """``(B,)`` exact mean per-token ``log P(y | x, z)`` over ``y``'s codes (``group_size`` is unused: no draws)."""
+        return self.code_logprobs(*self.pair_ids(x, z, y)).mean(-1)
+
+    @override
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.lm.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.vq.save_pretrained(path / "vq")
+
+    @override
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> TokenFWM:
+        return cls(str(path))
+
+
+def build_tiny_token_fwm(path: str | Path, seed: int = 0, vq_path: str | Path | None = None) -> Path:
+    """Write a tiny, seeded ``LlamaForCausalLM`` TokenFWM folder at ``path`` (a no-op if another process won).
+
+    Vocabulary: the local byte-level BPE text tokenizer + ``<|boi|> <|eoi|>`` + one ``<|img_k|>`` per VQ code.
+    LM: 4 layers of width 128, 4 heads (~0.9 M parameters). ``path/vq`` is a copy of ``vq_path`` (default: the
+    shipped sprite-world tokenizer). Built in a temporary sibling folder and renamed into place, so a crash
+    leaves nothing half-written and concurrent ranks building the same path are safe. Returns ``path``.
+    """
+    path = Path(path)
+    vq_source = Path(vq_path) if vq_path is not None else SHIPPED_SPRITE_VQ
+    num_codes = VQModel.load_config(vq_source)["num_vq_embeddings"]
+    specials = [BOI, EOI, *(image_token(k) for k in range(num_codes))]
+    # vocab_size counts the special tokens: grow it with them so the text merges match the IDM's tokenizer.
+    tokenizer = build_text_tokenizer(special_tokens=specials, vocab_size=512 + len(specials))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.copytree(vq_source, tmp / "vq")
+        os.rename(tmp, path)  # atomic; fails if the folder exists
+    except OSError:
+        if not (path / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,140 @@
+"""TokenFWM (causal LM over text + VQ codes) and its sprite-world image tokenizer."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from diffusers import VQModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from datamodules import sprites
+from swirl_vl.models.token_fwm import TokenFWM, image_token
+from swirl_vl.models.vq import (
+    SHIPPED_SPRITE_VQ,
+    SpriteImageDataModule,
+    VQTokenizerModule,
+    render_tensor,
+    sprite_roundtrip_accuracy,
+)
+
+
+def _pairs(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """``n`` labelled sprite transitions: x ``(n, 3, 32, 32)``, actions, y ``(n, 3, 32, 32)``."""
+    rng = random.Random(seed)
+    xs, zs, ys = [], [], []
+    for _ in range(n):
+        states, actions = sprites.random_trajectory(rng, 2)
+        xs.append(render_tensor(states[0]))
+        zs.append(actions[0])
+        ys.append(render_tensor(states[1]))
+    return torch.stack(xs), zs, torch.stack(ys)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("token_fwm") / "tiny"
+    TokenFWM(str(path), build_tiny=True, seed=0)
+    return path
+
+
+@pytest.fixture
+def fwm(folder: Path) -> TokenFWM:
+    torch.manual_seed(0)
+    return TokenFWM.from_pretrained(folder).eval()
+
+
+def test_tiny_folder_loads_with_plain_hf_loaders(folder: Path, fwm: TokenFWM) -> None:
+    lm = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vq = VQModel.from_pretrained(folder / "vq")
+    assert lm.config.vocab_size == len(tokenizer)
+    assert image_token(vq.config.num_vq_embeddings - 1) in tokenizer.get_vocab()
+    assert fwm.num_image_tokens == 16 and fwm.grid == (4, 4)
+    assert not any(p.requires_grad for p in fwm.vq.parameters())
+    fwm.train()
+    assert fwm.lm.training and not fwm.vq.training
+
+
+def test_missing_checkpoint_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="build_tiny"):
+        TokenFWM(str(tmp_path / "absent"))
+
+
+def test_sample_shapes_group_order_and_ratio_one(fwm: TokenFWM) -> None:
+    x, z, _ = _pairs(2)
+    G = 3
+    rollout = fwm.sample(x, z, num_samples=G)
+    N, L = 2 * G, 16
+    assert rollout.group_size == G
+    assert rollout.images.shape == (N, 3, 32, 32)
+    assert 0 <= rollout.images.min() and rollout.images.max() <= 1
+    assert rollout.old_logprobs.shape == rollout.mask.shape == (N, L) and rollout.mask.all()
+    ids = rollout.context["input_ids"]
+    assert (fwm.token_to_code[ids[:, -L:]] >= 0).all(), "only image-code tokens may be generated"
+    prompts = ids[:, :-L]
+    assert torch.equal(prompts[:G], prompts[0].expand(G, -1)) and not torch.equal(prompts[0], prompts[G])
+    logp, mask = fwm.rollout_logprobs(rollout)
+    assert logp.requires_grad
+    torch.testing.assert_close(logp.detach(), rollout.old_logprobs)
+    assert torch.equal(mask, rollout.mask)
+
+
+def test_greedy_is_deterministic(fwm: TokenFWM) -> None:
+    x, z, _ = _pairs(2)
+    a, b = fwm.sample(x, z, greedy=True), fwm.sample(x, z, greedy=True)
+    assert torch.equal(a.context["input_ids"], b.context["input_ids"])
+    with pytest.raises(ValueError, match="num_samples=1"):
+        fwm.sample(x, z, num_samples=2, greedy=True)
+
+
+def test_log_likelihood_is_minus_sft_loss_and_ignores_padding(fwm: TokenFWM) -> None:
+    x, z, y = _pairs(3)
+    z[1] = "add a red square at row 1 column 2 and then some much longer padding text"
+    ll = fwm.log_likelihood(x, z, y)
+    assert ll.shape == (3,) and torch.isfinite(ll).all() and (ll < 0).all()
+    loss = fwm.sft_loss(x[:1], z[:1], y[:1])
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(ll[0], -loss.detach())
+    # Alone (no left padding) or batched next to a longer action: the same likelihood.
+    torch.testing.assert_close(fwm.log_likelihood(x[:1], z[:1], y[:1]), ll[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_sft_steps_raise_target_likelihood(fwm: TokenFWM) -> None:
+    x, z, y = _pairs(8)
+    before = fwm.log_likelihood(x, z, y).mean()
+    optimizer = torch.optim.Adam([p for p in fwm.parameters() if p.requires_grad], lr=3e-3)
+    fwm.train()
+    for _ in range(5):
+        optimizer.zero_grad()
+        fwm.sft_loss(x, z, y).backward()
+        optimizer.step()
+    fwm.eval()
+    assert fwm.log_likelihood(x, z, y).mean() > before + 0.5
+
+
+def test_save_load_round_trip(fwm: TokenFWM, tmp_path: Path) -> None:
+    x, z, y = _pairs(2)
+    fwm.save_pretrained(tmp_path / "saved")
+    loaded = TokenFWM.from_pretrained(tmp_path / "saved").eval()
+    torch.testing.assert_close(loaded.log_likelihood(x, z, y), fwm.log_likelihood(x, z, y), atol=0, rtol=0)
+
+
+def test_shipped_vq_round_trips_sprite_states() -> None:
+    size = sum(f.stat().st_size for f in SHIPPED_SPRITE_VQ.iterdir())
+    assert size < 2 * 2**20, f"shipped VQ is {size} bytes"
+    vq = VQModel.from_pretrained(SHIPPED_SPRITE_VQ).eval()
+    assert sprite_roundtrip_accuracy(vq, num_states=200, seed=123) >= 0.99
+
+
+def test_vq_training_exports_a_loadable_vq(tmp_path: Path) -> None:
+    module = VQTokenizerModule(restart_every=1, export_dir=str(tmp_path / "vq"))
+    data = SpriteImageDataModule(batch_size=4, train_size=8, val_size=4)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, barebones=True)
+    trainer.fit(module, data)
+    vq = VQModel.from_pretrained(tmp_path / "vq")
+    assert vq.config.num_vq_embeddings == 64 and vq.config.block_out_channels == [16, 32, 32, 32]
+    assert sprite_roundtrip_accuracy(vq, num_states=4) >= 0
