@@ -73,6 +73,8 @@ class SwirlSchedule(Callback):
             return  # other LightningModules (e.g. the VQ tokenizer) train without phases
         if self.stage == DONE and self.iteration < self.iterations:  # resumed into a longer schedule
             self.stage, self.step_in_phase = "phase1", 0
+        if self._resumed:
+            rank_zero_info(f"[swirl] resuming in {self.stage} (iteration {self.iteration}) at step {self.step_in_phase}")
         self._enter(pl_module, refresh_reference=not self._resumed)
         self._skip_empty_phases(trainer, pl_module)
 
