@@ -28,7 +28,7 @@ format: $(STAMP)
 	$(PY) -m ruff format swirl_vl datamodules tests benchmarks
 
 test: lint
-	$(PY) -m pytest -x -q -p no:cacheprovider
+	$(PY) -m pytest -p no:cacheprovider
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
