@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.sprites import write_sprite_splits
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,29 +24,53 @@ def sprite_root(tmp_path_factory) -> Path:
 
 def _tiny_args(tmp: Path, data_root: Path, *extra: str) -> list[str]:
     return [
-        "--config", str(REPO / "configs" / "sprites.yaml"),
-        "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
-        "--trainer.val_check_interval", "4",
-        "--trainer.limit_val_batches", "1",
-        "--trainer.callbacks", json.dumps([{
-            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 2},
-        }]),
-        "--model.init_args.fwm.init_args.model.init_args.path", str(tmp / "models" / "fwm"),
-        "--model.init_args.idm.init_args.model.init_args.path", str(tmp / "models" / "idm"),
-        "--model.init_args.fwm_group_size", "2",
-        "--model.init_args.idm_group_size", "2",
-        "--model.init_args.rl_batch_size", "2",
-        "--model.init_args.min_label_logprob", "-100",
-        "--model.init_args.log_rollouts_every_n_steps", "1",
-        "--data.root", str(data_root),
-        "--data.batch_size", "4",
-        "--data.eval_batch_size", "8",
-        "--data.labelled_trajectories", "8",
-        "--data.unlabelled_trajectories", "16",
-        "--data.val_trajectories", "4",
-        "--data.test_trajectories", "2",
-        "--schedule.eval_max_batches", "1",
+        "--config",
+        str(REPO / "configs" / "sprites.yaml"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp / "runs"),
+        "--trainer.val_check_interval",
+        "4",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.callbacks",
+        json.dumps(
+            [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 2},
+                }
+            ]
+        ),
+        "--model.init_args.fwm.init_args.model.init_args.path",
+        str(tmp / "models" / "fwm"),
+        "--model.init_args.idm.init_args.model.init_args.path",
+        str(tmp / "models" / "idm"),
+        "--model.init_args.fwm_group_size",
+        "2",
+        "--model.init_args.idm_group_size",
+        "2",
+        "--model.init_args.rl_batch_size",
+        "2",
+        "--model.init_args.min_label_logprob",
+        "-100",
+        "--model.init_args.log_rollouts_every_n_steps",
+        "1",
+        "--data.root",
+        str(data_root),
+        "--data.batch_size",
+        "4",
+        "--data.eval_batch_size",
+        "8",
+        "--data.labelled_trajectories",
+        "8",
+        "--data.unlabelled_trajectories",
+        "16",
+        "--data.val_trajectories",
+        "4",
+        "--data.test_trajectories",
+        "2",
+        "--schedule.eval_max_batches",
+        "1",
         *extra,
     ]
 
@@ -75,9 +97,16 @@ def _tensorboard_tags(run_dir: Path) -> dict[str, list[str]]:
 
 def test_fit_sft_then_swirl_writes_events_images_checkpoint_and_table(tmp_path, sprite_root):
     args = _tiny_args(
-        tmp_path, sprite_root,
-        "--schedule.sft_steps", "4", "--schedule.iterations", "1",
-        "--schedule.phase1_steps", "2", "--schedule.phase2_steps", "2",
+        tmp_path,
+        sprite_root,
+        "--schedule.sft_steps",
+        "4",
+        "--schedule.iterations",
+        "1",
+        "--schedule.phase1_steps",
+        "2",
+        "--schedule.phase2_steps",
+        "2",
     )
     proc = _run(["fit", *args])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -86,8 +115,17 @@ def test_fit_sft_then_swirl_writes_events_images_checkpoint_and_table(tmp_path, 
     tags = _tensorboard_tags(run)
     assert any(t.startswith("val/fwm") for t in tags["images"]), tags["images"]
     assert any(t.startswith("phase1/rollouts") for t in tags["images"]), tags["images"]
-    for scalar in ("fwm/sft_loss", "idm/sft_loss", "phase1/reward_mean", "phase1/kl", "phase1/clip_frac",
-                   "phase1/frac_zero_std", "phase1/labels_kept", "phase2/reward_mean", "phase2/reward_std"):
+    for scalar in (
+        "fwm/sft_loss",
+        "idm/sft_loss",
+        "phase1/reward_mean",
+        "phase1/kl",
+        "phase1/clip_frac",
+        "phase1/frac_zero_std",
+        "phase1/labels_kept",
+        "phase2/reward_mean",
+        "phase2/reward_std",
+    ):
         assert scalar in tags["scalars"], (scalar, tags["scalars"])
     table = json.loads((run / "swirl_metrics.json").read_text())
     assert [row["after"] for row in table] == ["sft", "iteration_1"]
@@ -109,14 +147,27 @@ def _checkpoint_state(path: Path) -> dict:
 
 def test_sigkill_mid_phase_resumes_in_same_phase_and_step(tmp_path, sprite_root):
     args = _tiny_args(
-        tmp_path, sprite_root,
-        "--schedule.sft_steps", "2", "--schedule.iterations", "1",
-        "--schedule.phase1_steps", "400", "--schedule.phase2_steps", "2",
-        "--schedule.eval_at_boundaries", "false",
+        tmp_path,
+        sprite_root,
+        "--schedule.sft_steps",
+        "2",
+        "--schedule.iterations",
+        "1",
+        "--schedule.phase1_steps",
+        "400",
+        "--schedule.phase2_steps",
+        "2",
+        "--schedule.eval_at_boundaries",
+        "false",
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "swirl_vl", "fit", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swirl_vl", "fit", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpt = None
     deadline = time.time() + 240
     try:
@@ -136,8 +187,7 @@ def test_sigkill_mid_phase_resumes_in_same_phase_and_step(tmp_path, sprite_root)
         proc.wait()
     assert ckpt is not None, "no mid-phase checkpoint appeared"
     saved = _checkpoint_state(ckpt)
-    resumed = _run(["fit", *args, "--schedule.phase1_steps", str(saved["step_in_phase"] + 2),
-                    "--ckpt_path", str(ckpt)])
+    resumed = _run(["fit", *args, "--schedule.phase1_steps", str(saved["step_in_phase"] + 2), "--ckpt_path", str(ckpt)])
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     out = resumed.stdout + resumed.stderr
     assert f"[swirl] resuming in phase1 (iteration 0) at step {saved['step_in_phase']}" in out, out[-3000:]

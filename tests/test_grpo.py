@@ -92,7 +92,9 @@ def test_grpo_loss_ignores_invalid_rows_and_padding_inf_gives_finite_grad():
 
 def test_grpo_loss_with_no_valid_token_is_zero_with_grad():
     logp = torch.zeros(2, 3, requires_grad=True)
-    out = grpo_loss(logp, logp.detach(), torch.zeros(2), torch.ones(2, 3, dtype=torch.bool), valid=torch.zeros(2, dtype=torch.bool))
+    out = grpo_loss(
+        logp, logp.detach(), torch.zeros(2), torch.ones(2, 3, dtype=torch.bool), valid=torch.zeros(2, dtype=torch.bool)
+    )
     assert out.loss.item() == 0.0
     out.loss.backward()
     assert logp.grad is not None and logp.grad.eq(0).all()

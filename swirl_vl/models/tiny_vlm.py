@@ -22,6 +22,7 @@ from transformers import (
     LlavaConfig,
     LlavaProcessor,
     PreTrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
     Qwen2_5_VLConfig,
@@ -128,7 +129,17 @@ def build_tiny_llava(path: str | Path, seed: int = 0, image_size: int = 32) -> P
         image_token="<image>",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by the "default" strategy
     )
-    return _write(path, config, processor, seed)
+    return _write(path, config, processor, seed, init=_strengthen_clip_positions)
+
+
+def _strengthen_clip_positions(model: PreTrainedModel) -> None:
+    if _CLIP_POSITION_STD is None:
+        return
+    with torch.no_grad():
+        model.model.vision_tower.vision_model.embeddings.position_embedding.weight.normal_(std=_CLIP_POSITION_STD)
+
+
+_CLIP_POSITION_STD = None
 
 
 def build_tiny_qwen2_5_vl(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
@@ -188,12 +199,14 @@ def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int | None]:
     )
 
 
-def _write(path: str | Path, config: PreTrainedConfig, processor: ProcessorMixin, seed: int) -> Path:
+def _write(path: str | Path, config: PreTrainedConfig, processor: ProcessorMixin, seed: int, init=None) -> Path:
     """Initialise the model from ``seed`` and save model, generation config and processor at ``path``."""
     path = Path(path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config)
+        if init is not None:
+            init(model)
     tokenizer = processor.tokenizer
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id

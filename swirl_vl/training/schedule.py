@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,12 @@ class SwirlSchedule(Callback):
             eval_max_batches: cap on test batches per boundary evaluation (None: the whole split).
             export_pretrained: write ``save_pretrained`` folders of the models at each phase end.
         """
-        for name, value in (("sft_steps", sft_steps), ("iterations", iterations),
-                            ("phase1_steps", phase1_steps), ("phase2_steps", phase2_steps)):
+        for name, value in (
+            ("sft_steps", sft_steps),
+            ("iterations", iterations),
+            ("phase1_steps", phase1_steps),
+            ("phase2_steps", phase2_steps),
+        ):
             if value < 0:
                 raise ValueError(f"--schedule.{name} must be ≥ 0; got {value}")
         self.sft_steps, self.iterations = sft_steps, iterations
@@ -55,7 +61,10 @@ class SwirlSchedule(Callback):
         self.export_pretrained = export_pretrained
         self.stage, self.iteration, self.step_in_phase = "sft", 0, 0
         self.history: list[dict[str, Any]] = []
+        self.phase_stats: list[dict[str, Any]] = []
         self._resumed = False
+        self._phase_started: float | None = None
+        self._phase_steps_timed = 0
 
     def _steps(self, stage: str) -> int:
         return {"sft": self.sft_steps, "phase1": self.phase1_steps, "phase2": self.phase2_steps}[stage]
@@ -74,7 +83,9 @@ class SwirlSchedule(Callback):
         if self.stage == DONE and self.iteration < self.iterations:  # resumed into a longer schedule
             self.stage, self.step_in_phase = "phase1", 0
         if self._resumed:
-            rank_zero_info(f"[swirl] resuming in {self.stage} (iteration {self.iteration}) at step {self.step_in_phase}")
+            rank_zero_info(
+                f"[swirl] resuming in {self.stage} (iteration {self.iteration}) at step {self.step_in_phase}"
+            )
         self._enter(pl_module, refresh_reference=not self._resumed)
         self._skip_empty_phases(trainer, pl_module)
 
@@ -94,24 +105,40 @@ class SwirlSchedule(Callback):
             trainer.should_stop = True
 
     @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> int:
-        if isinstance(pl_module, SwirlModule) and self.stage == DONE:
-            trainer.should_stop = True
-            return -1  # Lightning: skip the rest of the epoch
-        return 0
-
-    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not isinstance(pl_module, SwirlModule) or self.stage == DONE:
             return
         self.step_in_phase += 1
+        self._phase_steps_timed += 1
         pl_module.step_in_phase = self.step_in_phase
         self._skip_empty_phases(trainer, pl_module)
 
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> int:
+        if isinstance(pl_module, SwirlModule) and self.stage == DONE:
+            trainer.should_stop = True
+            return -1  # Lightning: skip the rest of the epoch
+        if self._phase_started is None:
+            self._phase_started = time.perf_counter()
+        return 0
+
     def _finish_phase(self, trainer: Trainer, module: SwirlModule) -> None:
         finished, iteration = self.stage, self.iteration
+        if self._phase_started is not None and self._phase_steps_timed:
+            seconds = time.perf_counter() - self._phase_started
+            self.phase_stats.append(
+                {
+                    "stage": finished,
+                    "iteration": iteration,
+                    "steps": self._phase_steps_timed,
+                    "seconds_per_step": seconds / self._phase_steps_timed,
+                    # ru_maxrss is in KiB on Linux: the process's peak so far, not this phase's alone.
+                    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                }
+            )
+        self._phase_started, self._phase_steps_timed = None, 0
         if self.export_pretrained and self._steps(finished) > 0:
             self._export(trainer, module, finished, iteration)
         self.stage, self.iteration = self._next(finished, iteration)
@@ -160,7 +187,11 @@ class SwirlSchedule(Callback):
             tmp = out.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(self.history, indent=2))
             tmp.replace(out)
-            print(f"[swirl] metrics table written to {out}")
+            stats = Path(trainer.log_dir) / "swirl_phases.json"
+            tmp = stats.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.phase_stats, indent=2))
+            tmp.replace(stats)
+            print(f"[swirl] metrics table written to {out}; step times and peak memory per phase to {stats}")
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -169,6 +200,7 @@ class SwirlSchedule(Callback):
             "iteration": self.iteration,
             "step_in_phase": self.step_in_phase,
             "history": self.history,
+            "phase_stats": self.phase_stats,
         }
 
     @override
@@ -177,6 +209,7 @@ class SwirlSchedule(Callback):
         self.iteration = state_dict["iteration"]
         self.step_in_phase = state_dict["step_in_phase"]
         self.history = list(state_dict["history"])
+        self.phase_stats = list(state_dict.get("phase_stats", []))
         self._resumed = True
 
 

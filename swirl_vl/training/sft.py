@@ -114,9 +114,7 @@ class IDMModule(_WorldModelModule):
 
     prefix = "idm"
 
-    def __init__(
-        self, model: InverseDynamicsModel, optimizer: OptimizerCallable = _adamw, log_images: int = 8
-    ) -> None:
+    def __init__(self, model: InverseDynamicsModel, optimizer: OptimizerCallable = _adamw, log_images: int = 8) -> None:
         """
         Args:
             model: the IDM backend (``VLMIDM``), injected by ``class_path``.

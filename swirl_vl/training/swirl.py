@@ -237,7 +237,13 @@ class SwirlModule(LightningModule):
             with torch.no_grad():
                 ref_logp, _ = reference.rollout_logprobs(rollout)
         out = grpo_loss(
-            logp, rollout.old_logprobs, adv.advantages.to(logp.device), mask, adv.valid, ref_logp, beta,
+            logp,
+            rollout.old_logprobs,
+            adv.advantages.to(logp.device),
+            mask,
+            adv.valid,
+            ref_logp,
+            beta,
             self.hparams.clip_eps,
         )
         self._step(opt, out.loss)
