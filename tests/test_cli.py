@@ -194,3 +194,30 @@ def test_sigkill_mid_phase_resumes_in_same_phase_and_step(tmp_path, sprite_root)
     final = _checkpoint_state(_version_dir(tmp_path) / "checkpoints" / "last.ckpt")
     assert final["stage"] == "done"
     assert final["global_step"] > saved["global_step"]
+
+
+def test_ddp_two_processes_sft_phase1_phase2(tmp_path, sprite_root):
+    """2-process DDP on CPU (gloo) through SFT → Phase I → Phase II: phase switches must not hang or crash."""
+    args = _tiny_args(
+        tmp_path,
+        sprite_root,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp_find_unused_parameters_true",
+        "--schedule.sft_steps",
+        "2",
+        "--schedule.iterations",
+        "1",
+        "--schedule.phase1_steps",
+        "2",
+        "--schedule.phase2_steps",
+        "2",
+    )
+    proc = _run(["fit", *args], timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    final = _checkpoint_state(_version_dir(tmp_path) / "checkpoints" / "last.ckpt")
+    assert final["stage"] == "done"
+    assert [row["after"] for row in final["history"]] == ["sft", "iteration_1"]

@@ -136,7 +136,7 @@ def _strengthen_clip_positions(model: PreTrainedModel) -> None:
     if _CLIP_POSITION_STD is None:
         return
     with torch.no_grad():
-        model.model.vision_tower.vision_model.embeddings.position_embedding.weight.normal_(std=_CLIP_POSITION_STD)
+        model.model.vision_tower.embeddings.position_embedding.weight.normal_(std=_CLIP_POSITION_STD)
 
 
 _CLIP_POSITION_STD = None
