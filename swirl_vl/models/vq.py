@@ -76,30 +76,59 @@ def sprite_roundtrip_accuracy(vq: VQModel, num_states: int = 1000, seed: int = 0
     return hits / num_states
 
 
-class SpriteImages(Dataset):
-    """Renders of random sprite states; item ``i`` is a fixed function of ``(seed, split, i)``."""
+def dense_sprite_state(rng: random.Random, density: float) -> sprites.SpriteState:
+    """Each cell independently holds a uniformly random (colour, shape) with probability ``density``.
 
-    def __init__(self, size: int, seed: int, split: str) -> None:
-        self.size, self.seed, self.split = size, seed, split
+    Not a valid world state (any count, repeats allowed): a tokenizer codes cells, not states, and dense canvases
+    show it every cell content in every context many times per batch, which valid 1–3-object states do not.
+    """
+    cells = range(sprites.GRID * sprites.GRID)
+    return sprites.SpriteState(
+        tuple(
+            sprites.Sprite(rng.choice(sprites.COLOURS), rng.choice(sprites.SHAPES), k // sprites.GRID, k % sprites.GRID)
+            for k in cells
+            if rng.random() < density
+        )
+    )
+
+
+class SpriteImages(Dataset):
+    """Renders of random sprite states; item ``i`` is a fixed function of ``(seed, split, i)``.
+
+    ``density=None`` draws valid world states (``random_state``), a float draws ``dense_sprite_state``.
+    """
+
+    def __init__(self, size: int, seed: int, split: str, density: float | None = None) -> None:
+        self.size, self.seed, self.split, self.density = size, seed, split, density
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int) -> Tensor:
         # One RNG per item rather than per worker: the data do not depend on num_workers or the DDP world size.
-        return render_tensor(sprites.random_state(random.Random(f"sprite-images-{self.seed}-{self.split}-{index}")))
+        rng = random.Random(f"sprite-images-{self.seed}-{self.split}-{index}")
+        state = sprites.random_state(rng) if self.density is None else dense_sprite_state(rng, self.density)
+        return render_tensor(state)
 
 
 class SpriteImageDataModule(LightningDataModule):
-    """Batches ``(B, 3, 32, 32)`` of rendered random sprite states, for training an image tokenizer."""
+    """Batches ``(B, 3, 32, 32)`` of rendered sprite canvases, for training an image tokenizer."""
 
     def __init__(
-        self, batch_size: int = 64, train_size: int = 100_000, val_size: int = 500, seed: int = 0, num_workers: int = 0
+        self,
+        batch_size: int = 32,
+        train_size: int = 100_000,
+        train_density: float | None = 0.5,
+        val_size: int = 512,
+        seed: int = 0,
+        num_workers: int = 0,
     ) -> None:
         """
         Args:
             batch_size: images per batch, per device.
             train_size: images per training epoch (each a different random state).
+            train_density: share of occupied cells in training canvases (``dense_sprite_state``); None trains on
+                valid world states. Validation always uses valid world states.
             val_size: images in the fixed validation set.
             seed: data seed; train and val draw from different streams.
             num_workers: DataLoader worker processes.
@@ -107,7 +136,7 @@ class SpriteImageDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.train_set = SpriteImages(train_size, seed, "train")
+        self.train_set = SpriteImages(train_size, seed, "train", train_density)
         self.val_set = SpriteImages(val_size, seed, "val")
 
     @override
@@ -154,8 +183,8 @@ class VQTokenizerModule(LightningModule):
             norm_num_groups: GroupNorm groups; divides every entry of ``block_out_channels``.
             image_size: training image side in pixels (stored in the VQ config as ``sample_size``).
             beta: weight of the commitment loss ``|z_e - sg(z_q)|²``.
-            foreground_weight: extra reconstruction weight of pixels lit in the input (sprites cover ~5% of the
-                canvas; without it the decoder settles on blurry shapes that ``parse`` misreads).
+            foreground_weight: extra reconstruction weight of pixels on or next to a shape (sprites cover a small
+                part of the canvas; unweighted, the decoder settles on blurry shapes that ``parse`` misreads).
             restart_every: steps between dead-code restarts; 0 turns restarts off.
             export_dir: where ``VQModel.save_pretrained`` writes the trained tokenizer at the end of fit.
             optimizer: optimiser factory over the VQ's parameters; its learning rate decays on a cosine to 3% over
@@ -197,7 +226,10 @@ class VQTokenizerModule(LightningModule):
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         recon, z_e, z_q, codes = self(batch)
         target = batch * 2 - 1
-        weight = 1 + self.foreground_weight * (batch.amax(1, keepdim=True) > 0.5)  # (B, 1, H, W)
+        lit = (batch.amax(1, keepdim=True) > 0.5).float()  # (B, 1, H, W)
+        # Dilated by one pixel, so that light spilling past an edge costs as much as light missing inside it:
+        # weighting only lit pixels would teach the decoder to over-light, and circles would turn into squares.
+        weight = 1 + self.foreground_weight * F.max_pool2d(lit, 3, stride=1, padding=1)
         recon_loss = (weight * ((recon - target) ** 2 + (recon - target).abs())).mean()
         codebook_loss = F.mse_loss(z_q, z_e.detach())
         commitment_loss = F.mse_loss(z_e, z_q.detach())
