@@ -323,8 +323,8 @@ def _split_trajectories(
 def write_sprite_splits(
     out: str | Path,
     seed: int = 0,
-    labelled: int = 150,
-    unlabelled: int = 3000,
+    labelled: int = 1500,
+    unlabelled: int = 15000,
     val: int = 100,
     test: int = 200,
     length: int = 3,
@@ -355,8 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m datamodules.sprites", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder; gets labelled/ unlabelled/ val/ test/")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--labelled", type=int, default=150, help="action-labelled trajectories (SFT)")
-    p.add_argument("--unlabelled", type=int, default=3000, help="state-only trajectories (SWIRL)")
+    p.add_argument("--labelled", type=int, default=1500, help="action-labelled trajectories (SFT)")
+    p.add_argument("--unlabelled", type=int, default=15000, help="state-only trajectories (SWIRL)")
     p.add_argument("--val", type=int, default=100)
     p.add_argument("--test", type=int, default=200)
     p.add_argument("--length", type=int, default=3, help="states per trajectory in labelled/unlabelled/val")

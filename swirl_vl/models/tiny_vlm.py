@@ -85,7 +85,8 @@ _TEXT_SIZE = dict(
     num_hidden_layers=4,
     num_attention_heads=4,
     # ~1/sqrt(hidden) rather than the 0.02 tuned for 4k-wide models: with 0.02 the query/key products start so small
-    # that attention to the few changed image cells takes ~3x more SFT steps to emerge (measured on the sprite world).
+    # that attention to the few changed image cells barely emerges (sprite world, 3000 pairs, 1000 SFT steps: 7%
+    # held-out semantic accuracy with 0.02, 55% with 0.08).
     initializer_range=0.08,
 )
 """Language model shared by both tiny VLMs: ~0.7 M parameters, enough for the sprite-world action grammar."""
