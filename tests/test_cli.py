@@ -75,8 +75,10 @@ def _tiny_args(tmp: Path, data_root: Path, *extra: str) -> list[str]:
     ]
 
 
-def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def _run(args: list[str], timeout: float = 300, threads: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads is not None:  # DDP ranks on 2 cores: one thread each, or they spin waiting on each other
+        env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.run(
         [sys.executable, "-m", "swirl_vl", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -216,7 +218,7 @@ def test_ddp_two_processes_sft_phase1_phase2(tmp_path, sprite_root):
         "--schedule.phase2_steps",
         "2",
     )
-    proc = _run(["fit", *args], timeout=400)
+    proc = _run(["fit", *args], timeout=400, threads=1)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     final = _checkpoint_state(_version_dir(tmp_path) / "checkpoints" / "last.ckpt")
     assert final["stage"] == "done"

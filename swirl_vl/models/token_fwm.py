@@ -2,14 +2,17 @@
 
 Sequence layout of one example (a batch is left-padded, so ``y``'s codes always fill the last ``L`` positions):
 
-    <|bos|> <|boi|> x_1 … x_L <|eoi|> action text <|boi|> y_1 … y_L
-    └──────────────────── prompt ───────────────────────┘ └─ target ─┘
+    <|bos|> action text <|boi|> x_1 … x_L <|eoi|> <|boi|> y_1 … y_L
+    └────────────────────── prompt ───────────────────────┘ └─ target ─┘
 
 ``x_i`` / ``y_i`` are image-code tokens ``<|img_k|>`` (``k`` = the VQ codebook index) in raster order over the
-VQ's ``h × w`` grid, ``L = h*w``. The policy over each target token is the softmax restricted to the ``K``
-image-code tokens (every other logit is ``-inf``); SFT, sampling, ``rollout_logprobs`` and ``log_likelihood`` all
-use this one restriction, so the sampler's distribution and the scored one agree. No ``<|eoi|>`` is scored or
-generated after ``y``: an image always has exactly ``L`` tokens.
+VQ's ``h × w`` grid, ``L = h*w``. The instruction comes first, as in text-to-image prompts, and puts ``y_i`` at
+the same distance ``L + 2`` from ``x_i`` whatever the action's length: copying an unchanged cell is then one
+fixed relative offset, which rotary attention learns from a few hundred pairs.
+The policy over each target token is the softmax restricted to the ``K`` image-code tokens (every other logit
+is ``-inf``); SFT, sampling, ``rollout_logprobs`` and ``log_likelihood`` all use this one restriction, so the
+sampler's distribution and the scored one agree. No ``<|eoi|>`` is scored or generated after ``y``: an image
+always has exactly ``L`` tokens.
 
 Model folder: a transformers causal-LM folder (``config.json``, safetensors, tokenizer files) plus ``vq/``, a
 diffusers ``VQModel`` folder (the image tokenizer, frozen).
@@ -134,13 +137,13 @@ class TokenFWM(ForwardWorldModel):
         return vq_decode(self.vq, codes, self.grid)
 
     def prompt_ids(self, x: Tensor, z: list[str]) -> tuple[Tensor, Tensor]:
-        """Left-padded prompts ``<bos> <boi> x <eoi> z <boi>``: ids and attention mask, both ``(B, T)``."""
+        """Left-padded prompts ``<bos> z <boi> x <eoi> <boi>``: ids and attention mask, both ``(B, T)``."""
         if len(z) != x.shape[0]:
             raise ValueError(f"{x.shape[0]} images but {len(z)} actions")
         x_tokens = self.code_token_ids[self.encode_images(x)].tolist()  # (B, L)
         texts = self.tokenizer(list(z), add_special_tokens=False)["input_ids"]
         rows = [
-            [self.tokenizer.bos_token_id, self.boi_id, *xt, self.eoi_id, *text, self.boi_id]
+            [self.tokenizer.bos_token_id, *text, self.boi_id, *xt, self.eoi_id, self.boi_id]
             for xt, text in zip(x_tokens, texts)
         ]
         width = max(map(len, rows))
@@ -293,6 +296,7 @@ def build_tiny_token_fwm(path: str | Path, seed: int = 0, vq_path: str | Path | 
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.copytree(vq_source, tmp / "vq")
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
         os.rename(tmp, path)  # atomic; fails if the folder exists
     except OSError:
         if not (path / "config.json").is_file():

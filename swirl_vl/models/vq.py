@@ -14,6 +14,7 @@ import math
 import random
 import shutil
 import tempfile
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -76,67 +77,106 @@ def sprite_roundtrip_accuracy(vq: VQModel, num_states: int = 1000, seed: int = 0
     return hits / num_states
 
 
-def dense_sprite_state(rng: random.Random, density: float) -> sprites.SpriteState:
-    """Each cell independently holds a uniformly random (colour, shape) with probability ``density``.
+def cell_contents(state: sprites.SpriteState) -> list[tuple[str, str] | None]:
+    """``(colour, shape)`` or None for each of the ``GRID²`` cells, raster order (the VQ's code order)."""
+    cells: list[tuple[str, str] | None] = [None] * (sprites.GRID * sprites.GRID)
+    for o in state.objects:
+        cells[o.row * sprites.GRID + o.col] = (o.colour, o.shape)
+    return cells
 
-    Not a valid world state (any count, repeats allowed): a tokenizer codes cells, not states, and dense canvases
-    show it every cell content in every context many times per batch, which valid 1–3-object states do not.
+
+def sprite_code_purity(vq: VQModel, num_states: int = 1000, seed: int = 0) -> float:
+    """Share of cells of random states whose code is the most common code of their content (1 = canonical codes).
+
+    A world model copies unchanged cells token by token only if a cell's code does not depend on its neighbours.
     """
-    cells = range(sprites.GRID * sprites.GRID)
-    return sprites.SpriteState(
-        tuple(
-            sprites.Sprite(rng.choice(sprites.COLOURS), rng.choice(sprites.SHAPES), k // sprites.GRID, k % sprites.GRID)
-            for k in cells
-            if rng.random() < density
-        )
-    )
+    rng = random.Random(f"vq-purity-{seed}")
+    states = [sprites.random_state(rng) for _ in range(num_states)]
+    codes = vq_encode(vq, torch.stack([render_tensor(s) for s in states]).to(next(vq.parameters()).device))
+    counts: dict[tuple[str, str] | None, Counter[int]] = defaultdict(Counter)
+    for state, row in zip(states, codes.tolist()):
+        for content, code in zip(cell_contents(state), row):
+            counts[content][code] += 1
+    return sum(c.most_common(1)[0][1] for c in counts.values()) / codes.numel()
+
+
+def _state_from_cells(cells: list[tuple[str, str] | None]) -> sprites.SpriteState:
+    g = sprites.GRID
+    return sprites.SpriteState(tuple(sprites.Sprite(*c, k // g, k % g) for k, c in enumerate(cells) if c is not None))
+
+
+def _dense_cells(rng: random.Random, density: float) -> list[tuple[str, str] | None]:
+    return [
+        (rng.choice(sprites.COLOURS), rng.choice(sprites.SHAPES)) if rng.random() < density else None
+        for _ in range(sprites.GRID * sprites.GRID)
+    ]
 
 
 class SpriteImages(Dataset):
-    """Renders of random sprite states; item ``i`` is a fixed function of ``(seed, split, i)``.
+    """Sprite canvases; item ``i`` is a fixed function of ``(seed, split, i)``: ``{"image": (3, H, W)}`` in ``[0, 1]``.
 
-    ``density=None`` draws valid world states (``random_state``), a float draws ``dense_sprite_state``.
+    ``density=None`` draws valid world states (``random_state``). A float draws dense canvases instead: each cell
+    independently holds a uniformly random (colour, shape) with that probability. They are not valid states (any
+    count, repeats allowed), but a tokenizer codes cells, not states, and dense canvases show it every cell content
+    in many contexts per batch. With ``partner_redraw > 0`` (dense only) an item adds a ``"partner"`` canvas that
+    redraws each cell with that probability, and ``"shared"`` ``(GRID, GRID)`` bool: the cells the two agree on.
     """
 
-    def __init__(self, size: int, seed: int, split: str, density: float | None = None) -> None:
-        self.size, self.seed, self.split, self.density = size, seed, split, density
+    def __init__(
+        self, size: int, seed: int, split: str, density: float | None = None, partner_redraw: float = 0.0
+    ) -> None:
+        if partner_redraw and density is None:
+            raise ValueError("partner canvases need dense canvases: set density")
+        self.size, self.seed, self.split = size, seed, split
+        self.density, self.partner_redraw = density, partner_redraw
 
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int) -> Tensor:
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
         # One RNG per item rather than per worker: the data do not depend on num_workers or the DDP world size.
         rng = random.Random(f"sprite-images-{self.seed}-{self.split}-{index}")
-        state = sprites.random_state(rng) if self.density is None else dense_sprite_state(rng, self.density)
-        return render_tensor(state)
+        if self.density is None:
+            return {"image": render_tensor(sprites.random_state(rng))}
+        cells = _dense_cells(rng, self.density)
+        item = {"image": render_tensor(_state_from_cells(cells))}
+        if self.partner_redraw:
+            redrawn = _dense_cells(rng, self.density)
+            partner = [b if rng.random() < self.partner_redraw else a for a, b in zip(cells, redrawn)]
+            item["partner"] = render_tensor(_state_from_cells(partner))
+            item["shared"] = torch.tensor([a == b for a, b in zip(cells, partner)]).view(sprites.GRID, sprites.GRID)
+        return item
 
 
 class SpriteImageDataModule(LightningDataModule):
-    """Batches ``(B, 3, 32, 32)`` of rendered sprite canvases, for training an image tokenizer."""
+    """Batches of sprite canvases (``SpriteImages`` items, ``(B, 3, 32, 32)``) for training an image tokenizer."""
 
     def __init__(
         self,
         batch_size: int = 32,
-        train_size: int = 100_000,
+        train_size: int = 200_000,
         train_density: float | None = 0.5,
+        train_partner_redraw: float = 0.5,
         val_size: int = 512,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
         """
         Args:
-            batch_size: images per batch, per device.
-            train_size: images per training epoch (each a different random state).
-            train_density: share of occupied cells in training canvases (``dense_sprite_state``); None trains on
-                valid world states. Validation always uses valid world states.
-            val_size: images in the fixed validation set.
+            batch_size: canvases per batch, per device.
+            train_size: canvases per training epoch (each drawn afresh).
+            train_density: share of occupied cells in training canvases; None trains on valid world states.
+                Validation always uses valid world states.
+            train_partner_redraw: share of cells redrawn in each training canvas's partner (for the tokenizer's
+                code-consistency loss); 0: no partners.
+            val_size: canvases in the fixed validation set.
             seed: data seed; train and val draw from different streams.
             num_workers: DataLoader worker processes.
         """
         super().__init__()
         self.save_hyperparameters()
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.train_set = SpriteImages(train_size, seed, "train", train_density)
+        self.train_set = SpriteImages(train_size, seed, "train", train_density, train_partner_redraw)
         self.val_set = SpriteImages(val_size, seed, "val")
 
     @override
@@ -153,11 +193,15 @@ def _adam(params) -> torch.optim.Optimizer:
 
 
 class VQTokenizerModule(LightningModule):
-    """Trains a diffusers ``VQModel``: reconstruction (MSE + L1) + VQ codebook and commitment losses.
+    """Trains a diffusers ``VQModel``: reconstruction (MSE + L1), VQ codebook and commitment losses, and code
+    consistency.
 
-    Codes unused for ``restart_every`` steps are moved onto random encoder outputs of the current batch, the
-    usual cure for codebook collapse (Dhariwal et al. 2020, Jukebox); without it a few codes absorb every cell.
-    At the end of fit the model is written with ``save_pretrained`` to ``export_dir`` (atomically).
+    Consistency: where a batch has partner canvases, the encoder outputs of the cells the two canvases share must
+    match, so that a cell's code depends on the cell alone (a world model can then copy unchanged cells token for
+    token). Codes unused for ``restart_every`` steps are moved onto random encoder outputs of the current batch,
+    the usual cure for codebook collapse (Dhariwal et al. 2020, Jukebox), during the first ``restart_fraction`` of
+    the run only: a restarted code lands inside an existing cluster and splits it, which a late restart would leave
+    unhealed. At the end of fit the model is written with ``save_pretrained`` to ``export_dir`` (atomically).
     """
 
     def __init__(
@@ -170,7 +214,9 @@ class VQTokenizerModule(LightningModule):
         image_size: int = 32,
         beta: float = 0.25,
         foreground_weight: float = 4.0,
+        consistency_weight: float = 1.0,
         restart_every: int = 50,
+        restart_fraction: float = 0.5,
         export_dir: str | None = None,
         optimizer: OptimizerCallable = _adam,
     ) -> None:
@@ -185,7 +231,11 @@ class VQTokenizerModule(LightningModule):
             beta: weight of the commitment loss ``|z_e - sg(z_q)|²``.
             foreground_weight: extra reconstruction weight of pixels on or next to a shape (sprites cover a small
                 part of the canvas; unweighted, the decoder settles on blurry shapes that ``parse`` misreads).
+            consistency_weight: weight of the code-consistency loss: squared distance between the encoder outputs
+                of shared cells over the variance of all encoder outputs in the batch (scale-free, so shrinking the
+                latents cannot satisfy it; distinct cells are pushed apart as shared ones are pulled together).
             restart_every: steps between dead-code restarts; 0 turns restarts off.
+            restart_fraction: share of the run's steps during which dead codes are restarted.
             export_dir: where ``VQModel.save_pretrained`` writes the trained tokenizer at the end of fit.
             optimizer: optimiser factory over the VQ's parameters; its learning rate decays on a cosine to 3% over
                 the run's optimiser steps.
@@ -205,8 +255,8 @@ class VQTokenizerModule(LightningModule):
             mid_block_add_attention=False,  # 16 latent cells need no attention, and it would double the size
             sample_size=image_size,
         )
-        self.beta, self.foreground_weight = beta, foreground_weight
-        self.restart_every, self.export_dir = restart_every, export_dir
+        self.beta, self.foreground_weight, self.consistency_weight = beta, foreground_weight, consistency_weight
+        self.restart_every, self.restart_fraction, self.export_dir = restart_every, restart_fraction, export_dir
         self.optimizer = optimizer
         self.register_buffer("code_usage", torch.zeros(num_vq_embeddings), persistent=False)
 
@@ -223,26 +273,38 @@ class VQTokenizerModule(LightningModule):
         return recon, z_e, z_q, codes
 
     @override
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        recon, z_e, z_q, codes = self(batch)
-        target = batch * 2 - 1
-        lit = (batch.amax(1, keepdim=True) > 0.5).float()  # (B, 1, H, W)
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        images = batch["image"]
+        recon, z_e, z_q, codes = self(images)
+        target = images * 2 - 1
+        lit = (images.amax(1, keepdim=True) > 0.5).float()  # (B, 1, H, W)
         # Dilated by one pixel, so that light spilling past an edge costs as much as light missing inside it:
         # weighting only lit pixels would teach the decoder to over-light, and circles would turn into squares.
         weight = 1 + self.foreground_weight * F.max_pool2d(lit, 3, stride=1, padding=1)
         recon_loss = (weight * ((recon - target) ** 2 + (recon - target).abs())).mean()
         codebook_loss = F.mse_loss(z_q, z_e.detach())
         commitment_loss = F.mse_loss(z_e, z_q.detach())
+        losses = {"vq/recon": recon_loss, "vq/codebook": codebook_loss, "vq/commitment": commitment_loss}
         loss = recon_loss + codebook_loss + self.beta * commitment_loss
+        if "partner" in batch and self.consistency_weight:
+            losses["vq/consistency"] = self._consistency_loss(z_e, batch["partner"], batch["shared"])
+            loss = loss + self.consistency_weight * losses["vq/consistency"]
         self.code_usage += torch.bincount(codes, minlength=self.code_usage.numel())
-        if self.restart_every and (batch_idx + 1) % self.restart_every == 0:
+        restarting = self.global_step < self.restart_fraction * self.trainer.estimated_stepping_batches
+        if self.restart_every and restarting and (batch_idx + 1) % self.restart_every == 0:
             self._restart_dead_codes(z_e)
-        self.log_dict(
-            {"vq/recon": recon_loss, "vq/codebook": codebook_loss, "vq/commitment": commitment_loss},
-            prog_bar=True,
-            batch_size=batch.shape[0],
-        )
+        self.log_dict(losses, prog_bar=True, batch_size=images.shape[0])
         return loss
+
+    def _consistency_loss(self, z_e: Tensor, partner: Tensor, shared: Tensor) -> Tensor:
+        """Mean over shared cells of ``|z_e - z_e'|²`` over the variance of ``z_e``; ``shared`` is ``(B, h, w)``."""
+        z_partner = self.vq.encode(partner * 2 - 1).latents  # (B, D, h, w)
+        if shared.shape != z_e.shape[:1] + z_e.shape[2:]:
+            raise ValueError(f"shared cells {tuple(shared.shape)} do not match the code grid {tuple(z_e.shape[2:])}")
+        distance = (z_e - z_partner).pow(2).sum(1)[shared]  # (num_shared,)
+        # Not detached: with a detached variance the loss rewards shrinking the latents, which collapses them.
+        variance = z_e.permute(0, 2, 3, 1).flatten(0, 2).var(0).sum().clamp_min(1e-8)
+        return distance.mean() / variance
 
     @torch.no_grad()
     def _restart_dead_codes(self, z_e: Tensor) -> None:
@@ -259,14 +321,31 @@ class VQTokenizerModule(LightningModule):
         self.code_usage.zero_()
 
     @override
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        recon = ((self(batch)[0] + 1) / 2).clamp(0, 1)
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        images = batch["image"]
+        recon, _, _, codes = self(images)
+        recon = ((recon + 1) / 2).clamp(0, 1)
+        states = [sprites.parse(x) for x in images.cpu()]
+        for state, row in zip(states, codes.view(len(states), -1).tolist()):
+            for content, code in zip(cell_contents(state), row):
+                self._val_code_counts[content][code] += 1
         # Inputs are renders, so parse(input) is the true state (parse ∘ render is exact).
-        hits = [sprites.parse(r) == sprites.parse(x) for r, x in zip(recon.cpu(), batch.cpu())]
+        hits = [sprites.parse(r) == state for r, state in zip(recon.cpu(), states)]
         state_acc = torch.tensor(hits, dtype=torch.float32).mean()
-        size = batch.shape[0]
+        size = images.shape[0]
         self.log("val/vq_state_acc", state_acc, prog_bar=True, batch_size=size, sync_dist=True)
-        self.log("val/vq_l1", (recon - batch).abs().mean(), batch_size=size, sync_dist=True)
+        self.log("val/vq_l1", (recon - images).abs().mean(), batch_size=size, sync_dist=True)
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._val_code_counts: dict[tuple[str, str] | None, Counter[int]] = defaultdict(Counter)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        counts = self._val_code_counts.values()
+        total = sum(sum(c.values()) for c in counts)
+        if total:  # as sprite_code_purity: cells whose code is their content's most common code
+            self.log("val/vq_code_purity", sum(c.most_common(1)[0][1] for c in counts) / total, prog_bar=True)
 
     @override
     def configure_optimizers(self) -> dict:
@@ -290,6 +369,7 @@ def save_vq_atomically(vq: VQModel, export_dir: str | Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     vq.save_pretrained(tmp)
+    _make_readable(tmp)
     if target.exists():
         old = target.with_name(f".{target.name}-old-{tmp.name}")
         target.rename(old)
@@ -297,3 +377,10 @@ def save_vq_atomically(vq: VQModel, export_dir: str | Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(target)
+
+
+def _make_readable(folder: Path) -> None:
+    """``mkdtemp`` (and some writers) create owner-only entries; a shipped model must be readable by all."""
+    folder.chmod(0o755)
+    for f in folder.rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)

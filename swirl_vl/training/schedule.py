@@ -164,12 +164,13 @@ class SwirlSchedule(Callback):
         rank_zero_info(f"[swirl] test after {label}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     def _export(self, trainer: Trainer, module: SwirlModule, stage: str, iteration: int) -> None:
-        if trainer.global_rank != 0 or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if trainer.global_rank != 0 or log_dir is None:
             return
         models = {"sft": ("fwm", "idm"), "phase1": ("fwm",), "phase2": ("idm",)}[stage]
         tag = "sft" if stage == "sft" else f"iteration_{iteration + 1}_{stage}"
         for name in models:
-            final = Path(trainer.log_dir) / "pretrained" / tag / name
+            final = Path(log_dir) / "pretrained" / tag / name
             tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             getattr(module, name).model.save_pretrained(tmp)
@@ -178,16 +179,19 @@ class SwirlSchedule(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not isinstance(pl_module, SwirlModule) or not self.history or trainer.global_rank != 0:
+        if not isinstance(pl_module, SwirlModule) or not self.history:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if trainer.global_rank != 0:
             return
         print(format_table(self.history))
-        if trainer.log_dir is not None:
-            out = Path(trainer.log_dir) / "swirl_metrics.json"
+        if log_dir is not None:
+            out = Path(log_dir) / "swirl_metrics.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(self.history, indent=2))
             tmp.replace(out)
-            stats = Path(trainer.log_dir) / "swirl_phases.json"
+            stats = Path(log_dir) / "swirl_phases.json"
             tmp = stats.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(self.phase_stats, indent=2))
             tmp.replace(stats)
