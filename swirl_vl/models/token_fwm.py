@@ -107,9 +107,13 @@ class TokenFWM(ForwardWorldModel):
                 f"'{image_token(num_codes - 1)}' (one per VQ code), '{BOI}' and '{EOI}'"
             )
         self.boi_id, self.eoi_id = ids[-2:]
+        # Some real tokenizers have no BOS or no pad token: start without one, pad with EOS (always masked out).
+        self._bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+        self.pad_id = next(i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None)
         # code k ↔ token id; token_to_code maps every non-image token to -1.
         self.register_buffer("code_token_ids", torch.tensor(ids[:-2]), persistent=False)
-        token_to_code = torch.full((len(self.tokenizer),), -1, dtype=torch.long)
+        vocab = max(len(self.tokenizer), self.lm.get_output_embeddings().out_features)  # real heads are often padded
+        token_to_code = torch.full((vocab,), -1, dtype=torch.long)
         token_to_code[self.code_token_ids] = torch.arange(num_codes)
         self.register_buffer("token_to_code", token_to_code, persistent=False)
 
@@ -127,14 +131,14 @@ class TokenFWM(ForwardWorldModel):
 
     def encode_images(self, images: Tensor) -> Tensor:
         """Images ``(B, 3, H, W)`` in ``[0, 1]`` → VQ codes ``(B, L)``; resized to ``image_size`` first if needed."""
-        images = images.to(self.device, torch.float32)
+        images = images.to(self.device, self.vq.dtype)
         if images.shape[-2:] != (self.image_size, self.image_size):
             images = F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
         return vq_encode(self.vq, images.clamp(0, 1))
 
     def decode_codes(self, codes: Tensor) -> Tensor:
         """VQ codes ``(N, L)`` → images ``(N, 3, image_size, image_size)`` in ``[0, 1]``."""
-        return vq_decode(self.vq, codes, self.grid)
+        return vq_decode(self.vq, codes, self.grid).float()
 
     def prompt_ids(self, x: Tensor, z: list[str]) -> tuple[Tensor, Tensor]:
         """Left-padded prompts ``<bos> z <boi> x <eoi> <boi>``: ids and attention mask, both ``(B, T)``."""
@@ -142,12 +146,9 @@ class TokenFWM(ForwardWorldModel):
             raise ValueError(f"{x.shape[0]} images but {len(z)} actions")
         x_tokens = self.code_token_ids[self.encode_images(x)].tolist()  # (B, L)
         texts = self.tokenizer(list(z), add_special_tokens=False)["input_ids"]
-        rows = [
-            [self.tokenizer.bos_token_id, *text, self.boi_id, *xt, self.eoi_id, self.boi_id]
-            for xt, text in zip(x_tokens, texts)
-        ]
+        rows = [[*self._bos, *text, self.boi_id, *xt, self.eoi_id, self.boi_id] for xt, text in zip(x_tokens, texts)]
         width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, width - len(row) :] = torch.tensor(row)
@@ -209,8 +210,7 @@ class TokenFWM(ForwardWorldModel):
             max_new_tokens=L,
             min_new_tokens=L,
             top_k=None,  # the paper samples image tokens with temperature and top-p only
-            pad_token_id=self.tokenizer.pad_token_id,
-            bos_token_id=self.tokenizer.bos_token_id,
+            pad_token_id=self.pad_id,
             eos_token_id=None,  # an image is exactly L tokens; nothing may end it early
             use_cache=True,
             **sampling,

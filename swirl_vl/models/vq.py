@@ -196,8 +196,8 @@ class VQTokenizerModule(LightningModule):
     """Trains a diffusers ``VQModel``: reconstruction (MSE + L1), VQ codebook and commitment losses, and code
     consistency.
 
-    Consistency: where a batch has partner canvases, the encoder outputs of the cells the two canvases share must
-    match, so that a cell's code depends on the cell alone (a world model can then copy unchanged cells token for
+    Consistency: where a batch has partner canvases, a cell the two canvases share must get the same code in both,
+    so that a cell's code depends on the cell alone (a world model can then copy unchanged cells token for
     token). Codes unused for ``restart_every`` steps are moved onto random encoder outputs of the current batch,
     the usual cure for codebook collapse (Dhariwal et al. 2020, Jukebox), during the first ``restart_fraction`` of
     the run only: a restarted code lands inside an existing cluster and splits it, which a late restart would leave
@@ -231,9 +231,8 @@ class VQTokenizerModule(LightningModule):
             beta: weight of the commitment loss ``|z_e - sg(z_q)|²``.
             foreground_weight: extra reconstruction weight of pixels on or next to a shape (sprites cover a small
                 part of the canvas; unweighted, the decoder settles on blurry shapes that ``parse`` misreads).
-            consistency_weight: weight of the code-consistency loss: squared distance between the encoder outputs
-                of shared cells over the variance of all encoder outputs in the batch (scale-free, so shrinking the
-                latents cannot satisfy it; distinct cells are pushed apart as shared ones are pulled together).
+            consistency_weight: weight of the code-consistency loss: the commitment of each cell's encoder output to
+                the codebook vector its partner canvas got for the same cell, where the two canvases share it.
             restart_every: steps between dead-code restarts; 0 turns restarts off.
             restart_fraction: share of the run's steps during which dead codes are restarted.
             export_dir: where ``VQModel.save_pretrained`` writes the trained tokenizer at the end of fit.
@@ -297,14 +296,15 @@ class VQTokenizerModule(LightningModule):
         return loss
 
     def _consistency_loss(self, z_e: Tensor, partner: Tensor, shared: Tensor) -> Tensor:
-        """Mean over shared cells of ``|z_e - z_e'|²`` over the variance of ``z_e``; ``shared`` is ``(B, h, w)``."""
-        z_partner = self.vq.encode(partner * 2 - 1).latents  # (B, D, h, w)
+        """Commitment of ``z_e (B, D, h, w)`` to the codes the partner canvas got for the ``shared (B, h, w)`` cells."""
         if shared.shape != z_e.shape[:1] + z_e.shape[2:]:
             raise ValueError(f"shared cells {tuple(shared.shape)} do not match the code grid {tuple(z_e.shape[2:])}")
-        distance = (z_e - z_partner).pow(2).sum(1)[shared]  # (num_shared,)
-        # Not detached: with a detached variance the loss rewards shrinking the latents, which collapses them.
-        variance = z_e.permute(0, 2, 3, 1).flatten(0, 2).var(0).sum().clamp_min(1e-8)
-        return distance.mean() / variance
+        with torch.no_grad():
+            _, _, (_, _, partner_codes) = self.vq.quantize(self.vq.encode(partner * 2 - 1).latents)
+        target = self.vq.quantize.embedding.weight[partner_codes].view(*shared.shape, -1)  # (B, h, w, D), no grad
+        # Bounded like the commitment term (a target, not a distance between two free latents), so the latents
+        # cannot collapse or blow up to satisfy it.
+        return (z_e.permute(0, 2, 3, 1)[shared] - target[shared]).pow(2).mean()
 
     @torch.no_grad()
     def _restart_dead_codes(self, z_e: Tensor) -> None:
