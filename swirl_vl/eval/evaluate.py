@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from datamodules import sprites
-from swirl_vl.eval.metrics import image_metrics
+from swirl_vl.eval.metrics import image_metrics, l1
+from swirl_vl.eval.text_metrics import rouge_l, sentence_bleu
 from swirl_vl.models.base import ForwardWorldModel, InverseDynamicsModel
 
 
@@ -37,10 +38,24 @@ def evaluate_idm(idm: InverseDynamicsModel, batch: dict) -> tuple[dict[str, Tens
     texts = idm.sample(batch["x"], batch["y"], num_samples=1, greedy=True).texts
     device = batch["x"].device
     exact = [p.strip().lower() == t.strip().lower() for p, t in zip(texts, batch["action"])]
-    metrics = {"idm_exact": torch.tensor(exact, dtype=torch.float32, device=device)}
+    metrics = {
+        "idm_exact": torch.tensor(exact, dtype=torch.float32, device=device),
+        "idm_bleu": torch.tensor([sentence_bleu(p, t) for p, t in zip(texts, batch["action"])], device=device),
+        "idm_rouge_l": torch.tensor([rouge_l(p, t) for p, t in zip(texts, batch["action"])], device=device),
+    }
     if _has_states(batch):
         xs = [sprites.SpriteState.from_json(s) for s in batch["x_state"]]
         ys = [sprites.SpriteState.from_json(s) for s in batch["y_state"]]
         hits = [sprites.apply(x, p) == y for x, p, y in zip(xs, texts, ys)]
         metrics["idm_action_acc"] = torch.tensor(hits, dtype=torch.float32, device=device)
     return metrics, texts
+
+
+@torch.no_grad()
+def evaluate_cycle(fwm: ForwardWorldModel, batch: dict, idm_texts: list[str]) -> dict[str, Tensor]:
+    """``cycle_l1`` ``(B,)``: L1 between ``y`` and the FWM's greedy ``ŷ`` under the IDM's greedy action for ``(x, y)``.
+
+    Needs no action label: a low value says the IDM names an action the FWM can act out.
+    """
+    y_hat = fwm.sample(batch["x"], idm_texts, num_samples=1, greedy=True).images
+    return {"cycle_l1": l1(y_hat.float().clamp(0, 1), batch["y"].float())}

@@ -1,6 +1,8 @@
 """Supervised warm start: ``FWMModule`` and ``IDMModule``, each a LightningModule usable alone.
 
-``SwirlModule`` composes the two and reuses their ``sft_loss``, ``make_optimizer`` and ``evaluate``.
+``SwirlModule`` composes the two and reuses their ``sft_loss``, ``make_optimizer``, ``evaluate`` and test metrics.
+``test`` adds costly metrics to the cheap per-batch ones (action / image sensitivity, multi-turn rollouts),
+aggregates everything per task and writes ``test_metrics.json`` / ``.md`` under the run's log directory.
 """
 
 from __future__ import annotations
@@ -8,12 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
 from swirl_vl.eval.evaluate import evaluate_fwm, evaluate_idm
+from swirl_vl.eval.report import ALL, MetricTable, gather, write_report
+from swirl_vl.eval.rollout import rollout_trajectories
+from swirl_vl.eval.sensitivity import fwm_action_sensitivity, idm_image_sensitivity
 from swirl_vl.models.base import ForwardWorldModel, InverseDynamicsModel
 from swirl_vl.training.images import log_texts, log_transitions
 
@@ -21,6 +27,28 @@ from swirl_vl.training.images import log_texts, log_transitions
 def labelled_pairs(batch: dict) -> dict:
     """The labelled pair batch, whether the DataModule gave one loader or a ``{split: batch}`` dict."""
     return batch["labelled"] if "labelled" in batch else batch
+
+
+def finish_test_report(module: LightningModule, table: MetricTable) -> MetricTable:
+    """End of ``test``: merge the ranks' tables, log ``test/<metric>`` (overall) and ``test/tasks/<task>/<metric>``,
+    and write ``test_metrics.json`` / ``test_metrics.md`` to the log directory (rank 0). Every rank must call it."""
+    table = gather(table)
+    means = table.means()
+    for name, value in means.get(ALL, {}).items():
+        # Identical on every rank after the gather; sync_dist only keeps Lightning's epoch-end reduction uniform.
+        module.log(f"test/{name}", value, batch_size=1, sync_dist=True)
+    per_task = {f"test/tasks/{t}/{n}": v for t, m in means.items() if t != ALL for n, v in m.items()}
+    if per_task and module.global_rank == 0:
+        # Straight to the loggers: a console results table with a row per task and metric would bury the rest.
+        for logger in module.loggers:
+            logger.log_metrics(per_task, step=module.global_step)
+    trainer = module.trainer
+    log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+    if module.global_rank == 0 and log_dir is not None and means:
+        extra = {"global_step": module.global_step, "ckpt_path": trainer.ckpt_path}
+        json_path, _ = write_report(table, log_dir, extra)
+        rank_zero_info(f"[swirl] test metrics per task written to {json_path} and {json_path.with_suffix('.md')}")
+    return table
 
 
 def _adamw(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -42,6 +70,10 @@ class _WorldModelModule(LightningModule):
 
     def evaluate(self, batch: dict) -> tuple[dict[str, Tensor], object]:
         """Per-example metrics ``{name: (B,)}`` and the model's greedy outputs."""
+        raise NotImplementedError
+
+    def test_only_metrics(self, batch: dict) -> dict[str, Tensor]:
+        """Per-example metrics ``{name: (B,)}`` too costly for every validation; ``test`` adds them."""
         raise NotImplementedError
 
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -68,10 +100,21 @@ class _WorldModelModule(LightningModule):
 
     def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
         metrics, outputs = self.evaluate(batch)
-        for name, values in metrics.items():
-            self.log(f"{stage}/{name}", values.mean(), batch_size=values.numel(), sync_dist=True)
+        if stage == "test":  # aggregated per task and logged in on_test_epoch_end
+            self.test_table.add({**metrics, **self.test_only_metrics(batch)}, batch["task"])
+        else:
+            for name, values in metrics.items():
+                self.log(f"{stage}/{name}", values.mean(), batch_size=values.numel(), sync_dist=True)
         if batch_idx == 0 and self.log_images:
             self.log_outputs(batch, outputs, f"{stage}/{self.prefix}", self.global_step)
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self.test_table = MetricTable()
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        finish_test_report(self, self.test_table)
 
     def log_outputs(self, batch: dict, outputs: object, tag: str, step: int) -> None:
         raise NotImplementedError
@@ -82,16 +125,25 @@ class FWMModule(_WorldModelModule):
 
     prefix = "fwm"
 
-    def __init__(self, model: ForwardWorldModel, optimizer: OptimizerCallable = _adamw, log_images: int = 8) -> None:
+    def __init__(
+        self,
+        model: ForwardWorldModel,
+        optimizer: OptimizerCallable = _adamw,
+        log_images: int = 8,
+        max_rollout_trajectories: int | None = 64,
+    ) -> None:
         """
         Args:
             model: the FWM backend (``TokenFWM`` or ``DiffusionFWM``), injected by ``class_path``.
             optimizer: optimiser factory for the FWM's trainable parameters.
             log_images: rows of ``x | ŷ | y`` written to TensorBoard per evaluation (0: none).
+            max_rollout_trajectories: test trajectories (the first ones, over all devices) that ``test`` rolls out
+                multi-turn for the ``turn_k/…`` metrics (None: all; 0: no rollouts).
         """
         super().__init__(optimizer, log_images)
         self.save_hyperparameters(ignore=["model", "optimizer"])
         self.model = model
+        self.max_rollout_trajectories = max_rollout_trajectories
 
     @override
     def sft_loss(self, batch: dict) -> Tensor:
@@ -100,6 +152,27 @@ class FWMModule(_WorldModelModule):
     @override
     def evaluate(self, batch: dict) -> tuple[dict[str, Tensor], Tensor]:
         return evaluate_fwm(self.model, batch)
+
+    @override
+    def test_only_metrics(self, batch: dict) -> dict[str, Tensor]:
+        return {"fwm_action_sensitivity": fwm_action_sensitivity(self.model, batch["x"], batch["action"], batch["y"])}
+
+    def add_rollouts(self, table: MetricTable, trainer: Trainer) -> None:
+        """Multi-turn rollouts of this rank's share of the first ``max_rollout_trajectories`` test trajectories,
+        added to ``table`` as ``turn_k/…``; a no-op for DataModules without whole trajectories."""
+        datamodule = trainer.datamodule
+        if self.max_rollout_trajectories == 0 or not hasattr(datamodule, "trajectories"):
+            return
+        trajectories = datamodule.trajectories("test")[: self.max_rollout_trajectories]
+        mine = trajectories[trainer.global_rank :: trainer.world_size]
+        batch_size = getattr(datamodule, "eval_batch_size", 16)
+        for metrics, tasks in rollout_trajectories(self.model, mine, batch_size, self.device):
+            table.add(metrics, tasks)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self.add_rollouts(self.test_table, self.trainer)
+        super().on_test_epoch_end()
 
     @override
     def log_outputs(self, batch: dict, outputs: Tensor, tag: str, step: int) -> None:
@@ -132,6 +205,10 @@ class IDMModule(_WorldModelModule):
     @override
     def evaluate(self, batch: dict) -> tuple[dict[str, Tensor], list[str]]:
         return evaluate_idm(self.model, batch)
+
+    @override
+    def test_only_metrics(self, batch: dict) -> dict[str, Tensor]:
+        return {"idm_image_sensitivity": idm_image_sensitivity(self.model, batch["x"], batch["y"], batch["action"])}
 
     @override
     def log_outputs(self, batch: dict, outputs: list[str], tag: str, step: int) -> None:

@@ -18,10 +18,12 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from typing_extensions import override
 
+from swirl_vl.eval.evaluate import evaluate_cycle
+from swirl_vl.eval.report import MetricTable
 from swirl_vl.models.base import Rollout
 from swirl_vl.rl.grpo import group_advantages, grpo_loss
 from swirl_vl.training.images import log_texts, log_transitions
-from swirl_vl.training.sft import FWMModule, IDMModule, labelled_pairs
+from swirl_vl.training.sft import FWMModule, IDMModule, finish_test_report, labelled_pairs
 
 STAGES = ("sft", "phase1", "phase2")
 
@@ -278,11 +280,25 @@ class SwirlModule(LightningModule):
 
     def _eval_step(self, batch: dict, batch_idx: int, split: str) -> None:
         metrics, y_hat, texts = self.evaluate_batch(batch)
-        for name, values in metrics.items():
-            self.log(f"{split}/{name}", values.mean(), batch_size=values.numel(), sync_dist=True)
+        if split == "test":  # plus the costly metrics; aggregated per task and logged in on_test_epoch_end
+            metrics |= self.fwm.test_only_metrics(batch) | self.idm.test_only_metrics(batch)
+            metrics |= evaluate_cycle(self.fwm.model, batch, texts)
+            self.test_table.add(metrics, batch["task"])
+        else:
+            for name, values in metrics.items():
+                self.log(f"{split}/{name}", values.mean(), batch_size=values.numel(), sync_dist=True)
         if batch_idx == 0:
             self.fwm.log_outputs(batch, y_hat, f"{split}/fwm", self.global_step)
             self.idm.log_outputs(batch, texts, f"{split}/idm", self.global_step)
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self.test_table = MetricTable()
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self.fwm.add_rollouts(self.test_table, self.trainer)
+        finish_test_report(self, self.test_table)
 
     @torch.no_grad()
     def evaluate_loader(self, loader: Any, max_batches: int | None = None) -> dict[str, float]:
