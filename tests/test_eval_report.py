@@ -66,9 +66,9 @@ def test_markdown_has_a_column_per_task_and_turns_in_numeric_order(tmp_path: Pat
         "| turn_10/fwm_psnr",
     ]
     assert lines[-1] == "| turn_10/fwm_psnr | 10.0000 | 10.0000 | – |"
-    json_path, md_path = write_report(table, tmp_path, {"global_step": 7})
+    json_path, md_path = write_report(table, tmp_path, {"ckpt_path": "last.ckpt"})
     report = json.loads(json_path.read_text())
-    assert report["global_step"] == 7 and [r["task"] for r in report["rows"]] == ["all", "move", "paint"]
+    assert report["ckpt_path"] == "last.ckpt" and [r["task"] for r in report["rows"]] == ["all", "move", "paint"]
     assert md_path.read_text() == md
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test_metrics.json", "test_metrics.md"]  # no temp left
 
@@ -150,6 +150,10 @@ def test_fwm_module_alone_reports_per_task_and_per_turn(oracle_data: SpriteDataM
     assert all(overall[f"turn_{k}/fwm_state_acc"] == 1.0 for k in range(1, 6))
     assert {r["task"] for r in report["rows"][1:]} <= {"move", "paint", "remove", "add"}
     assert logged["test/fwm_state_acc"] == 1.0 and logged["test/turn_5/fwm_l1"] == 0.0
+    _, report = _test_alone(FWMModule(OracleFWM(), log_images=0, max_rollout_trajectories=0), oracle_data, tmp_path)
+    assert not any(name.startswith("turn_") for name in report["rows"][0])
+    with pytest.raises(ValueError, match="max_rollout_trajectories"):
+        FWMModule(OracleFWM(), max_rollout_trajectories=-1)
 
 
 def test_idm_module_alone_reports_sensitivity_and_text_metrics(oracle_data: SpriteDataModule, tmp_path: Path):

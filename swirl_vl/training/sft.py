@@ -29,7 +29,7 @@ def labelled_pairs(batch: dict) -> dict:
     return batch["labelled"] if "labelled" in batch else batch
 
 
-def finish_test_report(module: LightningModule, table: MetricTable) -> MetricTable:
+def finish_test_report(module: LightningModule, table: MetricTable) -> None:
     """End of ``test``: merge the ranks' tables, log ``test/<metric>`` (overall) and ``test/tasks/<task>/<metric>``,
     and write ``test_metrics.json`` / ``test_metrics.md`` to the log directory (rank 0). Every rank must call it."""
     table = gather(table)
@@ -45,10 +45,10 @@ def finish_test_report(module: LightningModule, table: MetricTable) -> MetricTab
     trainer = module.trainer
     log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
     if module.global_rank == 0 and log_dir is not None and means:
-        extra = {"global_step": module.global_step, "ckpt_path": trainer.ckpt_path}
+        # Not the global step: `test` does not restore it from the checkpoint; the checkpoint names the weights.
+        extra = {"ckpt_path": trainer.ckpt_path}
         json_path, _ = write_report(table, log_dir, extra)
         rank_zero_info(f"[swirl] test metrics per task written to {json_path} and {json_path.with_suffix('.md')}")
-    return table
 
 
 def _adamw(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -140,6 +140,11 @@ class FWMModule(_WorldModelModule):
             max_rollout_trajectories: test trajectories (the first ones, over all devices) that ``test`` rolls out
                 multi-turn for the ``turn_k/…`` metrics (None: all; 0: no rollouts).
         """
+        if max_rollout_trajectories is not None and max_rollout_trajectories < 0:
+            raise ValueError(
+                "max_rollout_trajectories (--model.init_args.fwm.init_args.max_rollout_trajectories under SwirlModule) "
+                f"must be ≥ 0 or null; got {max_rollout_trajectories}"
+            )
         super().__init__(optimizer, log_images)
         self.save_hyperparameters(ignore=["model", "optimizer"])
         self.model = model
