@@ -137,4 +137,18 @@ def test_vq_training_exports_a_loadable_vq(tmp_path: Path) -> None:
     trainer.fit(module, data)
     vq = VQModel.from_pretrained(tmp_path / "vq")
     assert vq.config.num_vq_embeddings == 64 and vq.config.block_out_channels == [16, 32, 32, 32]
-    assert sprite_roundtrip_accuracy(vq, num_states=4) >= 0
+    assert 0 <= sprite_roundtrip_accuracy(vq, num_states=4) <= 1
+
+
+@pytest.mark.parametrize("merge_ratio", [0.0, 1e3])
+def test_merge_ratio_merges_codes_into_copies(merge_ratio: float) -> None:
+    module = VQTokenizerModule(restart_every=1, restart_fraction=0.0, merge_ratio=merge_ratio)
+    data = SpriteImageDataModule(batch_size=8, train_size=16, val_size=4)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, barebones=True)
+    trainer.fit(module, data)
+    merged = (module.merged_into >= 0).nonzero().squeeze(-1)
+    assert (merged.numel() > 0) == (merge_ratio > 0)
+    weight = module.vq.quantize.embedding.weight
+    for code in merged.tolist():  # after fit: a copy of a lower-indexed code, which argmin picks on ties
+        target = int(module.merged_into[code])
+        assert target < code and torch.equal(weight[code], weight[target])

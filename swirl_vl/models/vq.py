@@ -197,11 +197,15 @@ class VQTokenizerModule(LightningModule):
     consistency.
 
     Consistency: where a batch has partner canvases, a cell the two canvases share must get the same code in both,
-    so that a cell's code depends on the cell alone (a world model can then copy unchanged cells token for
-    token). Codes unused for ``restart_every`` steps are moved onto random encoder outputs of the current batch,
-    the usual cure for codebook collapse (Dhariwal et al. 2020, Jukebox), during the first ``restart_fraction`` of
-    the run only: a restarted code lands inside an existing cluster and splits it, which a late restart would leave
-    unhealed. At the end of fit the model is written with ``save_pretrained`` to ``export_dir`` (atomically).
+    so that a cell's code depends on the cell alone (a world model can then copy unchanged cells token for token).
+
+    Codebook upkeep, every ``restart_every`` steps after the optimiser step. During the first ``restart_fraction``
+    of the run, codes left unused are moved onto random encoder outputs (the usual cure for codebook collapse,
+    Dhariwal et al. 2020, Jukebox). Restarts land inside existing clusters and split one content over several
+    near-identical codes, so afterwards such near-duplicates are merged instead: all but the lowest-indexed are
+    parked far away (unused from then on). At the end of fit each parked code becomes a copy of the code it was
+    merged into, so it decodes to the same content while ``argmin`` (first index on ties) never picks it, and the
+    model is written with ``save_pretrained`` to ``export_dir`` (atomically).
     """
 
     def __init__(
@@ -217,6 +221,7 @@ class VQTokenizerModule(LightningModule):
         consistency_weight: float = 1.0,
         restart_every: int = 50,
         restart_fraction: float = 0.5,
+        merge_ratio: float = 0.05,
         export_dir: str | None = None,
         optimizer: OptimizerCallable = _adam,
     ) -> None:
@@ -234,7 +239,9 @@ class VQTokenizerModule(LightningModule):
             consistency_weight: weight of the code-consistency loss: the commitment of each cell's encoder output to
                 the codebook vector its partner canvas got for the same cell, where the two canvases share it.
             restart_every: steps between dead-code restarts; 0 turns restarts off.
-            restart_fraction: share of the run's steps during which dead codes are restarted.
+            restart_fraction: share of the run's steps during which unused codes are restarted; merges follow.
+            merge_ratio: used codes closer than this × the median distance between used codes are merged; 0 turns
+                merging off.
             export_dir: where ``VQModel.save_pretrained`` writes the trained tokenizer at the end of fit.
             optimizer: optimiser factory over the VQ's parameters; its learning rate decays on a cosine to 3% over
                 the run's optimiser steps.
@@ -255,9 +262,13 @@ class VQTokenizerModule(LightningModule):
             sample_size=image_size,
         )
         self.beta, self.foreground_weight, self.consistency_weight = beta, foreground_weight, consistency_weight
-        self.restart_every, self.restart_fraction, self.export_dir = restart_every, restart_fraction, export_dir
+        self.restart_every, self.restart_fraction, self.merge_ratio = restart_every, restart_fraction, merge_ratio
+        self.export_dir = export_dir
         self.optimizer = optimizer
         self.register_buffer("code_usage", torch.zeros(num_vq_embeddings), persistent=False)
+        # merged_into[k]: the code that k was merged into, or -1. Persistent: a resumed run must not lose it.
+        self.register_buffer("merged_into", torch.full((num_vq_embeddings,), -1, dtype=torch.long))
+        self._last_z_e: Tensor | None = None
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Images ``(B, 3, H, W)`` in ``[0, 1]`` → reconstruction ``(B, 3, H, W)`` in ``[-1, 1]`` (unclamped),
@@ -289,9 +300,7 @@ class VQTokenizerModule(LightningModule):
             losses["vq/consistency"] = self._consistency_loss(z_e, batch["partner"], batch["shared"])
             loss = loss + self.consistency_weight * losses["vq/consistency"]
         self.code_usage += torch.bincount(codes, minlength=self.code_usage.numel())
-        restarting = self.global_step < self.restart_fraction * self.trainer.estimated_stepping_batches
-        if self.restart_every and restarting and (batch_idx + 1) % self.restart_every == 0:
-            self._restart_dead_codes(z_e)
+        self._last_z_e = z_e.detach()
         self.log_dict(losses, prog_bar=True, batch_size=images.shape[0])
         return loss
 
@@ -306,6 +315,17 @@ class VQTokenizerModule(LightningModule):
         # cannot collapse or blow up to satisfy it.
         return (z_e.permute(0, 2, 3, 1)[shared] - target[shared]).pow(2).mean()
 
+    @override
+    def on_train_batch_end(self, outputs: object, batch: dict[str, Tensor], batch_idx: int) -> None:
+        # After the optimiser step, so a moved code is not then shifted by the gradient it had before the move.
+        if not self.restart_every or self.global_step % self.restart_every:
+            return
+        if self.global_step <= self.restart_fraction * self.trainer.estimated_stepping_batches:
+            self._restart_dead_codes(self._last_z_e)
+        elif self.merge_ratio:
+            self._merge_duplicate_codes()
+        self.code_usage.zero_()
+
     @torch.no_grad()
     def _restart_dead_codes(self, z_e: Tensor) -> None:
         """Move codes unused since the last restart onto random encoder outputs ``z_e (B, D, h, w)``."""
@@ -318,7 +338,40 @@ class VQTokenizerModule(LightningModule):
             picks = candidates[torch.randint(len(candidates), (dead.numel(),), device=candidates.device)]
             picks = self.trainer.strategy.broadcast(picks, src=0)
             self.vq.quantize.embedding.weight[dead] = picks
-        self.code_usage.zero_()
+
+    @torch.no_grad()
+    def _merge_duplicate_codes(self) -> None:
+        """Park all but the lowest-indexed of each group of near-identical used codes far from every latent."""
+        usage = self.trainer.strategy.reduce(self.code_usage, reduce_op="sum")
+        used = (usage > 0).nonzero().squeeze(-1)  # ascending code indices
+        if used.numel() < 2:
+            return
+        weight = self.vq.quantize.embedding.weight
+        distance = torch.cdist(weight[used], weight[used])  # (U, U)
+        pairs = torch.triu_indices(len(used), len(used), 1, device=used.device)
+        close = distance < self.merge_ratio * distance[pairs[0], pairs[1]].median()
+        # Single linkage: each code takes the lowest position it is transitively close to (close is reflexive).
+        group = torch.arange(len(used), device=used.device)
+        for _ in range(len(used)):
+            lowest = torch.where(close, group[None, :], len(used)).amin(1)
+            if torch.equal(lowest, group):
+                break
+            group = lowest
+        merged = group != torch.arange(len(used), device=used.device)
+        self.merged_into[used[merged]] = used[group[merged]]
+        # Far beyond every latent (the same on every rank): parked codes are never picked again while training.
+        weight[used[merged]] = weight.detach().abs().max() * 1e3
+        self.log("vq/merged_codes", float(merged.sum()), batch_size=1)
+
+    def finalize_codebook(self) -> None:
+        """Turn each parked code into a copy of the code it was merged into (following chains of merges)."""
+        weight = self.vq.quantize.embedding.weight
+        with torch.no_grad():
+            for code in (self.merged_into >= 0).nonzero().squeeze(-1).tolist():
+                target = code
+                while self.merged_into[target] >= 0:
+                    target = int(self.merged_into[target])
+                weight[code] = weight[target]
 
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -359,6 +412,7 @@ class VQTokenizerModule(LightningModule):
 
     @override
     def on_fit_end(self) -> None:
+        self.finalize_codebook()
         if self.export_dir is not None and self.trainer.is_global_zero:
             save_vq_atomically(self.vq, self.export_dir)
 
