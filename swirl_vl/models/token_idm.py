@@ -1,0 +1,220 @@
+"""``TokenIDM``: the inverse dynamics model ``Q_φ(z | x, y)`` on a token-FWM folder (causal LM over text + VQ codes).
+
+Sequence layout of one example (every prompt has the same length, ``P = |bos| + 2L + 4``; answers are padded on
+the right after their end-of-sequence token):
+
+    <|bos|> <|boi|> x_1 … x_L <|eoi|> <|boi|> y_1 … y_L <|eoi|> action text <|eos|>
+    └──────────────────────────── prompt ────────────────────────────┘ └──── answer ───┘
+
+The folder, tokenizer and image tokenizer are ``TokenFWM``'s, so one language model can serve as both world
+models (``TokenIDM.sharing(fwm)``; with LoRA, two adapters on one base). The policy over each answer token is the
+softmax over text tokens only: image codes, ``<|boi|>``/``<|eoi|>`` and a padded head's unused rows get ``-inf``
+in sampling and scoring alike. As in ``VLMIDM``, every score (SFT loss, Phase I reward, old and new GRPO log-probs)
+goes through ``_completion_logprobs``, so the GRPO ratio is exactly 1 before an update.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig
+from typing_extensions import override
+
+from swirl_vl.models.base import InverseDynamicsModel, Rollout
+from swirl_vl.models.idm import VLMIDM, selective_log_softmax
+from swirl_vl.models.token_fwm import TokenFWM
+
+
+class TokenIDM(InverseDynamicsModel):
+    """``Q_φ(z | x, y)`` as next-token prediction of the action text after both images' VQ codes.
+
+    Args:
+        path: TokenFWM model folder (causal LM + tokenizer + ``vq/``).
+        build_tiny: when ``path`` holds no model, write a tiny randomly initialised one there first (TokenFWM's).
+        seed: initialisation seed of the tiny model.
+        vq_path: image tokenizer folder; default ``<path>/vq``.
+        image_size: side in pixels the VQ sees; other input sizes are resized to it.
+        max_new_tokens: default cap on the length of sampled actions, in tokens.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        build_tiny: bool = False,
+        seed: int = 0,
+        vq_path: str | None = None,
+        image_size: int = 32,
+        max_new_tokens: int = 24,
+    ) -> None:
+        super().__init__()
+        # TokenFWM owns the folder format: loading, the tiny builder and the checks of the image-token vocabulary.
+        fwm = TokenFWM(path, build_tiny=build_tiny, seed=seed, vq_path=vq_path, image_size=image_size)
+        self._adopt(fwm, max_new_tokens)
+
+    @classmethod
+    def sharing(cls, fwm: TokenFWM, max_new_tokens: int = 24) -> TokenIDM:
+        """An IDM on ``fwm``'s own language model, tokenizer and VQ (same tensors: training one trains the other)."""
+        idm = cls.__new__(cls)
+        InverseDynamicsModel.__init__(idm)
+        idm._adopt(fwm, max_new_tokens)
+        return idm
+
+    def _adopt(self, fwm: TokenFWM, max_new_tokens: int) -> None:
+        self.lm = fwm.lm
+        self.tokenizer = fwm.tokenizer
+        self.vq = fwm.vq
+        self.image_size, self.grid, self.num_image_tokens = fwm.image_size, fwm.grid, fwm.num_image_tokens
+        self.max_new_tokens = max_new_tokens
+        self._bos, self.boi_id, self.eoi_id, self.pad_id = fwm._bos, fwm.boi_id, fwm.eoi_id, fwm.pad_id
+        self.eos_token_id: int | None = self.tokenizer.eos_token_id
+        if self.eos_token_id is None:
+            raise ValueError("TokenIDM needs a tokenizer with an end-of-sequence token to end actions")
+        self.register_buffer("code_token_ids", fwm.code_token_ids, persistent=False)
+        gen_eos = self.lm.generation_config.eos_token_id
+        gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
+        self.register_buffer("stop_token_ids", torch.tensor(sorted({self.eos_token_id, *gen_eos})), persistent=False)
+        # Everything that is not text: image codes, image brackets and a padded head's rows beyond the tokenizer.
+        vocab = len(fwm.token_to_code)
+        non_text = (fwm.token_to_code >= 0).clone()
+        non_text[[self.boi_id, self.eoi_id]] = True
+        non_text[len(self.tokenizer) :] = True
+        self.register_buffer("non_text", non_text, persistent=False)  # (V,) bool
+        self.register_buffer("non_text_ids", torch.arange(vocab)[non_text], persistent=False)
+
+    # TokenFWM's image coding and folder writing, verbatim: they read only ``vq``, ``image_size``, ``lm``,
+    # ``tokenizer`` and ``device``, which TokenIDM holds under the same names; both models then see identical codes.
+    encode_images = TokenFWM.encode_images
+    save_pretrained = TokenFWM.save_pretrained
+    device = TokenFWM.device
+    # VLMIDM's end-of-answer mask (reads ``stop_token_ids``).
+    _until_first_stop = VLMIDM._until_first_stop
+
+    @override
+    def train(self, mode: bool = True) -> TokenIDM:
+        super().train(mode)
+        self.vq.eval()  # the tokenizer is frozen: its codes must not depend on the module's mode
+        return self
+
+    @override
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> TokenIDM:
+        """Load a TokenFWM-format folder; ``kwargs`` as ``__init__``."""
+        return cls(str(path), **kwargs)
+
+    # ---------------------------------------------------------------------------------------- sequences
+
+    def prompt_ids(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Prompts ``<bos> <boi> x <eoi> <boi> y <eoi>``: ids and attention mask, both ``(B, P)`` (no padding)."""
+        assert x.shape == y.shape and x.ndim == 4, (x.shape, y.shape)
+        codes = self.code_token_ids[self.encode_images(torch.cat([x, y]))]  # (2B, L)
+        x_tokens, y_tokens = codes.chunk(2)
+
+        def column(token_id: int) -> Tensor:
+            return torch.full((x.shape[0], 1), token_id, dtype=torch.long, device=self.device)
+
+        bos = [column(i) for i in self._bos]
+        boi, eoi = column(self.boi_id), column(self.eoi_id)
+        ids = torch.cat([*bos, boi, x_tokens, eoi, boi, y_tokens, eoi], 1)
+        return ids, torch.ones_like(ids)
+
+    def _completion_logprobs(self, input_ids: Tensor, attention_mask: Tensor, length: int) -> Tensor:
+        """``(N, L)`` log-probs of the last ``L = length`` tokens of each row under the text-only policy."""
+        # As generate() does: positions count real tokens only.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=length + 1,
+            use_cache=False,
+        )
+        logits = out.logits[:, :-1]  # (N, L, V): position t predicts token t + 1
+        logits = logits.masked_fill(self.non_text[: logits.shape[-1]], float("-inf"))
+        return selective_log_softmax(logits, input_ids[:, -length:])
+
+    def _answer_logprobs(self, x: Tensor, y: Tensor, z: list[str]) -> tuple[Tensor, Tensor]:
+        """Per-token log-probs ``(B, L)`` of ``z`` + end-of-sequence given the prompt, and their mask."""
+        if len(z) != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} image pairs but {len(z)} actions")
+        answers = [row + [self.eos_token_id] for row in self.tokenizer(list(z), add_special_tokens=False)["input_ids"]]
+        length = max(map(len, answers))
+        completion = torch.full((len(answers), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(answers), length, dtype=torch.bool)
+        for i, row in enumerate(answers):
+            completion[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = True
+        completion, mask = completion.to(self.device), mask.to(self.device)
+        ids, prompt_mask = self.prompt_ids(x, y)
+        logp = self._completion_logprobs(
+            torch.cat([ids, completion], 1), torch.cat([prompt_mask, mask.long()], 1), length
+        )
+        return logp, mask
+
+    # ---------------------------------------------------------------------------------------- interface
+
+    @override
+    def sft_loss(self, x: Tensor, y: Tensor, z: list[str]) -> Tensor:
+        """Mean NLL over all answer tokens (end-of-sequence included) of the batch; scalar."""
+        logp, mask = self._answer_logprobs(x, y, z)
+        return -logp.masked_fill(~mask, 0).sum() / mask.sum()
+
+    @override
+    @torch.no_grad()
+    def log_likelihood(self, x: Tensor, y: Tensor, z: list[str]) -> Tensor:
+        """``(B,)`` mean-token ``log Q(z | x, y)`` over the answer tokens and end-of-sequence."""
+        logp, mask = self._answer_logprobs(x, y, z)
+        return logp.masked_fill(~mask, 0).sum(1) / mask.sum(1)
+
+    @override
+    @torch.no_grad()
+    def sample(
+        self,
+        x: Tensor,
+        y: Tensor,
+        num_samples: int = 1,
+        greedy: bool = False,
+        temperature: float = 0.7,
+        top_k: int = 50,
+        max_new_tokens: int | None = None,
+    ) -> Rollout:
+        """``N = B * num_samples`` actions, group-major (row ``b*G + g``), from one batched ``generate`` call.
+
+        ``x``, ``y``: ``(B, 3, H, W)`` in ``[0, 1]``. Returns texts, ``old_logprobs`` / ``mask`` ``(N, L)`` (tokens up
+        to and including the first end-of-sequence) and ``context = {"input_ids", "attention_mask"}`` ``(N, P + L)``.
+        Old log-probs are temperature-1 log-probs of the text-only policy, as ``rollout_logprobs`` computes them.
+        """
+        if greedy and num_samples != 1:
+            raise ValueError(f"greedy decoding gives one action per pair; got num_samples={num_samples}")
+        ids, prompt_mask = self.prompt_ids(x, y)
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": top_k}
+        # A full config, so that a checkpoint's generation_config.json cannot reshape the policy.
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            num_return_sequences=num_samples,
+            top_p=1.0,
+            repetition_penalty=1.0,
+            suppress_tokens=self.non_text_ids.tolist(),
+            eos_token_id=self.stop_token_ids.tolist(),
+            pad_token_id=self.pad_id,
+            use_cache=True,
+            **sampling,
+        )
+        sequences = self.lm.generate(input_ids=ids, attention_mask=prompt_mask, generation_config=config)
+        completion = sequences[:, ids.shape[1] :]  # (N, L)
+        mask = self._until_first_stop(completion)
+        completion = completion.masked_fill(~mask, self.pad_id)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(completion, skip_special_tokens=True)]
+        context = {
+            "input_ids": torch.cat([ids.repeat_interleave(num_samples, 0), completion], 1),
+            "attention_mask": torch.cat([prompt_mask.repeat_interleave(num_samples, 0), mask.long()], 1),
+        }
+        old_logprobs = self._completion_logprobs(context["input_ids"], context["attention_mask"], completion.shape[1])
+        return Rollout(group_size=num_samples, old_logprobs=old_logprobs, mask=mask, texts=texts, context=context)
+
+    @override
+    def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """Per-token log-probs ``(N, L)`` of the rollout's actions under the current weights (with grad), and mask."""
+        ids, attention_mask = rollout.context["input_ids"], rollout.context["attention_mask"]
+        return self._completion_logprobs(ids, attention_mask, rollout.mask.shape[1]), rollout.mask
