@@ -17,7 +17,7 @@ import glob
 import json
 import math
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from .sprites import write_sprite_splits
 
 Pair = dict[str, Any]
 SPLITS = ("labelled", "unlabelled", "val", "test")
+STAGE_SPLITS = {"fit": ("labelled", "unlabelled", "val"), "validate": ("val",), "test": ("test",)}
+"""The splits each Trainer stage reads."""
 
 
 def expand_pairs(traj: DecodedTrajectory, with_actions: bool, tasks: Iterable[str] | None = None) -> Iterator[Pair]:
@@ -216,20 +218,36 @@ class TrajectoryDataModule(L.LightningDataModule):
         full = pattern if Path(pattern).is_absolute() else str(Path(self.root) / pattern)
         found = sorted(p for p in glob.glob(full) if Path(p).is_file())
         if not found:
+            out = _glob_free_prefix(full)
             raise FileNotFoundError(
-                f"split '{split}': pattern {full!r} matches no shard. Create shards with "
-                f"`python -m datamodules.sprites --out {self.root}` (synthetic sprite world) or "
-                "`python -m datamodules.convert aurora --root DIR --json DIR/test.json --out OUT` (Aurora-Bench), "
-                f"or point the '{split}' argument at existing .tar files."
+                f"split '{split}': pattern {full!r} matches no shard. Write shards to {out}, e.g. "
+                f"`python -m datamodules.convert aurora --root DIR --json DIR/test.json --out {out}` (Aurora-Bench "
+                f"layout), or `python -m datamodules.sprites --out {self.root}` (synthetic sprite world), "
+                f"or point --data.{split} at existing .tar files."
             )
         return found
 
-    def setup(self, stage: str) -> None:
-        # fail before training starts, not at the first batch
-        needed = {"fit": ("labelled", "unlabelled", "val"), "validate": ("val",), "test": ("test",)}
-        for split in needed.get(stage, ()):
+    def missing_shards(self, stage: str) -> list[str]:
+        """One message per split that ``stage`` reads and whose pattern matches no shard."""
+        missing = []
+        for split in STAGE_SPLITS.get(stage, ()):
             if self.patterns[split] is not None:
-                self.shards(split)
+                try:
+                    self.shards(split)
+                except FileNotFoundError as exn:
+                    missing.append(str(exn))
+        return missing
+
+    @classmethod
+    def preflight(cls, init_args: Mapping[str, Any], stage: str) -> list[str]:
+        """``missing_shards(stage)`` from the constructor arguments alone; the CLI asks before building any model."""
+        return cls(**init_args).missing_shards(stage)
+
+    def setup(self, stage: str) -> None:
+        # fail before training starts, not at the first batch, and name every missing split at once
+        missing = self.missing_shards(stage)
+        if missing:
+            raise FileNotFoundError("\n".join(missing))
 
     def train_dataloader(self) -> dict[str, DataLoader]:
         """``{"labelled": ..., "unlabelled": ...}`` pair loaders (disabled splits left out); combine max_size_cycle."""
@@ -298,6 +316,13 @@ class TrajectoryDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,  # fresh workers each epoch pick up a fresh base seed
         )
+
+
+def _glob_free_prefix(pattern: str) -> str:
+    """The folder part of a glob pattern before its first wildcard: where the shards it looks for belong."""
+    parts = Path(pattern).parts
+    stop = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts) - 1)
+    return str(Path(*parts[:stop])) if stop else "."
 
 
 def _split_seed(seed: int, split: str) -> int:
@@ -369,6 +394,10 @@ class SpriteDataModule(TrajectoryDataModule):
             "test_length": test_length,
             "shard_size": shard_size,
         }
+
+    @classmethod
+    def preflight(cls, init_args: Mapping[str, Any], stage: str) -> list[str]:
+        return []  # prepare_data generates whatever is missing
 
     def prepare_data(self) -> None:
         """Generate the shards unless a complete set made with the same settings is present."""

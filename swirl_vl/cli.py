@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from swirl_vl.training.schedule import SwirlSchedule
@@ -12,6 +16,41 @@ class SwirlCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SwirlSchedule, "schedule")
+
+    def instantiate_classes(self) -> None:
+        # Before any model loads (minutes for real checkpoints): every missing folder and shard split, at once.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        missing = missing_inputs(config, self.subcommand or "")
+        if missing:
+            raise SystemExit(
+                f"swirl_vl {self.subcommand or ''}: missing inputs, nothing was run:\n"
+                + "\n".join(f"  - {m}" for m in missing)
+            )
+        super().instantiate_classes()
+
+
+def missing_inputs(config: Any, stage: str) -> list[str]:
+    """What the classes named in ``config`` would find missing for ``stage``.
+
+    Any class with a ``preflight(init_args, stage) -> list[str]`` classmethod is asked (model backends: their
+    checkpoint folder; trajectory DataModules: the shards of the splits the stage reads); no weights are loaded.
+    """
+    found = []
+    if isinstance(config, Namespace):
+        class_path = config.get("class_path")
+        if isinstance(class_path, str) and isinstance(config.get("init_args"), Namespace):
+            module, _, name = class_path.rpartition(".")
+            check = getattr(getattr(importlib.import_module(module), name), "preflight", None)
+            if check is not None:
+                found += check(config.init_args.as_dict(), stage)
+        children = vars(config).values()
+    elif isinstance(config, (list, tuple, dict)):
+        children = config.values() if isinstance(config, dict) else config
+    else:
+        return found
+    for child in children:
+        found += missing_inputs(child, stage)
+    return found
 
 
 def main(args: list[str] | None = None) -> SwirlCLI:

@@ -12,7 +12,9 @@ likelihood (Phase II reward) it gives an ELBO-style estimate: minus the mean den
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -73,13 +75,8 @@ class DiffusionFWM(ForwardWorldModel):
                 build_tiny_instruct_pix2pix(self.path, seed=seed, image_size=image_size)
             except FileExistsError:
                 pass  # another process (a DDP rank) built it between our check and our build
-        if not (self.path / "model_index.json").exists():
-            raise missing_checkpoint_error(
-                self.path,
-                "InstructPix2Pix diffusers folder (model_index.json)",
-                "Download one, e.g. `huggingface-cli download timbrooks/instruct-pix2pix --local-dir <path>`, "
-                "or set build_tiny=True to build a tiny random model there (when the path does not exist yet).",
-            )
+        if (error := _missing_folder(self.path, build_tiny=False)) is not None:
+            raise error
         self.unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet")
         self.text_encoder = CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder")
         self.tokenizer = CLIPTokenizer.from_pretrained(self.path, subfolder="tokenizer")
@@ -93,6 +90,12 @@ class DiffusionFWM(ForwardWorldModel):
     @classmethod
     def from_pretrained(cls, path: str | Path) -> DiffusionFWM:
         return cls(str(path))
+
+    @classmethod
+    def preflight(cls, init_args: Mapping[str, Any], stage: str) -> list[str]:
+        """What ``cls(**init_args)`` would find missing, checked without loading anything (the CLI asks first)."""
+        error = _missing_folder(Path(init_args["path"]), bool(init_args.get("build_tiny")))
+        return [] if error is None else [str(error)]
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the diffusers folder (same layout as the one loaded; ``model_index.json`` names the pipeline)."""
@@ -317,3 +320,16 @@ class DiffusionFWM(ForwardWorldModel):
             for i in range(k)
         ]
         return -torch.stack(errors, dim=1).mean(dim=1)  # (B,)
+
+
+def _missing_folder(path: Path, build_tiny: bool) -> FileNotFoundError | None:
+    """The error for a folder that is not a diffusers InstructPix2Pix checkpoint, or None when loading can go on."""
+    if (path / "model_index.json").is_file() or (build_tiny and not path.exists()):
+        return None
+    return missing_checkpoint_error(
+        path,
+        "DiffusionFWM: InstructPix2Pix diffusers folder (model_index.json)",
+        f"Download one: `hf download timbrooks/instruct-pix2pix --local-dir {path}` (McGill-NLP/AURORA has the "
+        "same layout), or set build_tiny: true to build a tiny random model there (only where the path does not "
+        "exist yet).",
+    )

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -50,15 +50,10 @@ class VLMIDM(InverseDynamicsModel):
     ) -> None:
         super().__init__()
         folder = Path(path)
-        if not folder.exists():
-            if build_tiny is None:
-                raise missing_checkpoint_error(
-                    folder,
-                    "IDM model folder",
-                    f"Download one, e.g. `huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct --local-dir {folder}`, "
-                    "or set `build_tiny: llava` (or `qwen2_5_vl`) to build a tiny random model there.",
-                )
+        if not folder.exists() and build_tiny is not None:
             _build_atomically(folder, build_tiny, seed=seed, image_size=image_size)
+        if (error := _missing_folder(folder, build_tiny=None)) is not None:
+            raise error
         self.model = AutoModelForImageTextToText.from_pretrained(folder)
         self.processor = AutoProcessor.from_pretrained(folder)
         self.prompt = prompt
@@ -84,6 +79,12 @@ class VLMIDM(InverseDynamicsModel):
     def from_pretrained(cls, path: str | Path, **kwargs) -> VLMIDM:
         """Load a folder written by ``save_pretrained`` or a real checkpoint; ``kwargs`` as ``__init__``."""
         return cls(str(path), **kwargs)
+
+    @classmethod
+    def preflight(cls, init_args: Mapping[str, Any], stage: str) -> list[str]:
+        """What ``cls(**init_args)`` would find missing, checked without loading anything (the CLI asks first)."""
+        error = _missing_folder(Path(init_args["path"]), init_args.get("build_tiny"))
+        return [] if error is None else [str(error)]
 
     def save_pretrained(self, path: str | Path) -> None:
         self.model.save_pretrained(path)
@@ -235,6 +236,19 @@ def _extend(inputs: Mapping[str, Tensor], completion: Tensor, mask: Tensor) -> d
         if key in inputs:
             out[key] = torch.cat([inputs[key], torch.zeros_like(completion, dtype=inputs[key].dtype)], dim=1)
     return out
+
+
+def _missing_folder(path: Path, build_tiny: str | None) -> FileNotFoundError | None:
+    """The error for a folder that holds no transformers model, or None when loading can go on."""
+    if (path / "config.json").is_file() or (build_tiny is not None and not path.exists()):
+        return None
+    return missing_checkpoint_error(
+        path,
+        "VLMIDM: image-text-to-text model folder (config.json)",
+        f"Download one: `hf download Qwen/Qwen2.5-VL-3B-Instruct --local-dir {path}` (any transformers "
+        "image-text-to-text model with its processor works), or set build_tiny: llava (or qwen2_5_vl) to build a tiny "
+        "random model there (only where the path does not exist yet).",
+    )
 
 
 def _build_atomically(path: Path, architecture: str, seed: int, image_size: int) -> None:

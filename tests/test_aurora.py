@@ -1,0 +1,110 @@
+"""Aurora-Bench configs: the real one stops before loading anything when its inputs are absent; the tiny one runs
+SFT → SWIRL → test end to end on the converted 28-pair sample."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from datamodules.convert import convert_aurora
+from swirl_vl.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO.parent / "shared" / "aurora-bench-sample"
+REAL = str(REPO / "configs" / "aurorabench.yaml")
+TINY = str(REPO / "configs" / "aurorabench_tiny.yaml")
+
+
+def _swirl(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "swirl_vl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _missing(args: list[str]) -> str:
+    """The message the CLI exits with."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return str(exit_info.value.code)
+
+
+def test_real_config_fails_fast_with_what_to_download_and_convert(tmp_path: Path) -> None:
+    # From an empty folder, so that the config's relative paths exist nowhere, whatever lies in the checkout.
+    start = time.perf_counter()
+    proc = _swirl("fit", "--config", REAL, cwd=tmp_path, timeout=120)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "missing inputs, nothing was run" in err and "Traceback" not in err, err[-3000:]
+    assert "hf download timbrooks/instruct-pix2pix --local-dir checkpoints/instruct-pix2pix" in err
+    assert "hf download Qwen/Qwen2.5-VL-3B-Instruct --local-dir checkpoints/Qwen2.5-VL-3B-Instruct" in err
+    for out in ("data/aurora/labelled", "data/aurora/unlabelled", "data/aurora/test"):
+        assert f"python -m datamodules.convert aurora --root DIR --json DIR/test.json --out {out}`" in err, out
+    assert seconds < 60, f"took {seconds:.0f} s: something heavy ran before the check"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing may be written before the check"
+
+
+def test_real_config_names_only_what_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    fwm = tmp_path / "checkpoints" / "instruct-pix2pix"
+    fwm.mkdir(parents=True)
+    assert "timbrooks/instruct-pix2pix" in _missing(["fit", "--config", REAL])  # a folder without model_index.json
+    (fwm / "model_index.json").write_text("{}")
+    message = _missing(["test", "--config", REAL])
+    assert "timbrooks" not in message and "Qwen/Qwen2.5-VL-3B-Instruct" in message
+    # `test` reads the test split only.
+    assert "data/aurora/test" in message and "labelled" not in message
+
+
+def test_tiny_config_on_a_missing_root_says_what_to_convert(tmp_path: Path) -> None:
+    message = _missing(["fit", "--config", TINY, "--data.root", str(tmp_path / "nowhere")])
+    assert f"--out {tmp_path / 'nowhere'}`" in message and "split 'labelled'" in message
+    assert "instruct-pix2pix" not in message  # the tiny models are built, not downloaded
+
+
+@pytest.mark.skipif(not (SAMPLE / "test.json").exists(), reason=f"Aurora-Bench sample not at {SAMPLE}")
+def test_tiny_config_fits_then_tests_on_the_converted_sample(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert convert_aurora(SAMPLE, SAMPLE / "test.json", data).written == 28
+    args = [
+        "--config",
+        TINY,
+        "--data.root",
+        str(data),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+        "--model.init_args.fwm.init_args.model.init_args.path",
+        str(tmp_path / "models" / "fwm"),
+        "--model.init_args.idm.init_args.model.init_args.path",
+        str(tmp_path / "models" / "idm"),
+        "--trainer.val_check_interval",
+        "4",
+        "--schedule.sft_steps",
+        "4",
+        "--schedule.phase1_steps",
+        "2",
+        "--schedule.phase2_steps",
+        "2",
+        "--model.init_args.idm.init_args.model.init_args.max_new_tokens",
+        "8",
+    ]
+    fit = _swirl("fit", *args, cwd=tmp_path)
+    assert fit.returncode == 0, fit.stdout[-3000:] + fit.stderr[-5000:]
+    run = tmp_path / "runs" / "aurorabench_tiny" / "version_0"
+    table = json.loads((run / "swirl_metrics.json").read_text())
+    assert [row["after"] for row in table] == ["sft", "iteration_1"]
+    assert {"fwm_l1", "fwm_psnr", "fwm_ssim", "idm_exact"} <= set(table[0])
+    phases = json.loads((run / "swirl_phases.json").read_text())
+    assert [(p["stage"], p["steps"]) for p in phases] == [("sft", 4), ("phase1", 2), ("phase2", 2)]
+    assert (run / "pretrained" / "iteration_1_phase2" / "idm" / "config.json").exists()
+
+    test = _swirl("test", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), cwd=tmp_path)
+    assert test.returncode == 0, test.stdout[-3000:] + test.stderr[-5000:]
+    assert "test/fwm_psnr" in test.stdout and "test/idm_exact" in test.stdout
