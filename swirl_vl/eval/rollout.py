@@ -68,7 +68,6 @@ def rollout_trajectories(
     trajectories: Sequence[DecodedTrajectory],
     batch_size: int,
     device: torch.device | str = "cpu",
-    max_turns: int | None = None,
 ) -> Iterator[tuple[dict[str, Tensor], list[str]]]:
     """Roll out every trajectory with known actions; yields ``({"turn_k/…": (n,)}, tasks)`` per turn and batch.
 
@@ -80,10 +79,9 @@ def rollout_trajectories(
         group = list(same_length)
         for start in range(0, len(group), batch_size):
             batch = group[start : start + batch_size]
-            turns = len(batch[0].actions) if max_turns is None else min(max_turns, len(batch[0].actions))
-            images = torch.stack([t.images[: turns + 1] for t in batch]).to(device)  # (n, K+1, 3, H, W)
-            predicted = rollout(fwm, images[:, 0], [t.actions[:turns] for t in batch])
+            images = torch.stack([t.images for t in batch]).to(device)  # (n, K+1, 3, H, W)
+            predicted = rollout(fwm, images[:, 0], [t.actions for t in batch])
             states = [_true_states(t) for t in batch]
-            known = None if any(s is None for s in states) else [s[1 : turns + 1] for s in states]
+            known = None if any(s is None for s in states) else [s[1:] for s in states]
             for k, metrics in enumerate(turn_metrics(predicted, images[:, 1:], known)):
                 yield metrics, [t.task_at(k) for t in batch]
