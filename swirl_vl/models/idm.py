@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature
+from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, ProcessorMixin
 
 from swirl_vl.models.base import InverseDynamicsModel, Rollout, missing_checkpoint_error
 from swirl_vl.models.tiny_vlm import build_tiny_llava, build_tiny_qwen2_5_vl
@@ -154,18 +154,7 @@ class VLMIDM(InverseDynamicsModel):
 
     def _prompt_inputs(self, x: Tensor, y: Tensor) -> BatchFeature:
         """Processor outputs for ``B`` user turns ``[image x, image y, prompt]``, left-padded."""
-        assert x.shape == y.shape and x.ndim == 4, (x.shape, y.shape)
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": self.prompt}]}
-        ]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # Generated images may overshoot [0, 1] slightly; the processor only normalises (no PIL round trip).
-        x, y = x.detach().float().clamp(0, 1), y.detach().float().clamp(0, 1)
-        images = [[xi, yi] for xi, yi in zip(x, y)]
-        inputs = self.processor(
-            text=[text] * len(images), images=images, padding=True, do_rescale=False, return_tensors="pt"
-        )
-        return inputs.to(self.device)
+        return image_pair_inputs(self.processor, x, y, [self.prompt] * x.shape[0]).to(self.device)
 
     def _answer_logprobs(self, x: Tensor, y: Tensor, z: list[str]) -> tuple[Tensor, Tensor]:
         """Per-token log-probs ``(B, L)`` of ``z`` + end-of-sequence given the prompt, and their mask."""
@@ -197,6 +186,24 @@ class VLMIDM(InverseDynamicsModel):
         is_stop = torch.isin(completion, self.stop_token_ids)
         stops_before = is_stop.long().cumsum(1) - is_stop.long()
         return stops_before == 0
+
+
+def image_pair_inputs(processor: ProcessorMixin, x: Tensor, y: Tensor, prompts: list[str]) -> BatchFeature:
+    """Processor outputs (on the CPU) for ``B`` user turns ``[image x_i, image y_i, prompts[i]]`` in the folder's chat
+    template, ready for generation; ``x``, ``y``: ``(B, 3, H, W)`` in ``[0, 1]``. Padded on the processor's side."""
+    assert x.shape == y.shape and x.ndim == 4 and len(prompts) == x.shape[0], (x.shape, y.shape, len(prompts))
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": prompt}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for prompt in prompts
+    ]
+    # Generated images may overshoot [0, 1] slightly; the processor only normalises (no PIL round trip).
+    x, y = x.detach().float().clamp(0, 1), y.detach().float().clamp(0, 1)
+    images = [[xi, yi] for xi, yi in zip(x, y)]
+    return processor(text=texts, images=images, padding=True, do_rescale=False, return_tensors="pt")
 
 
 def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
