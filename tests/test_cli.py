@@ -97,6 +97,14 @@ def _tensorboard_tags(run_dir: Path) -> dict[str, list[str]]:
     return acc.Tags()
 
 
+def _scalar_values(run_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
+
+
 def test_fit_sft_then_swirl_writes_events_images_checkpoint_and_table(tmp_path, sprite_root):
     args = _tiny_args(
         tmp_path,
@@ -109,10 +117,20 @@ def test_fit_sft_then_swirl_writes_events_images_checkpoint_and_table(tmp_path, 
         "2",
         "--schedule.phase2_steps",
         "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--model.init_args.sft_warmup_steps",
+        "2",
+        "--model.init_args.fwm_rl_lr",
+        "3e-5",
     )
     proc = _run(["fit", *args])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run = _version_dir(tmp_path)
+    # SFT: warm-up to the configured 1e-3, cosine down to 5% at the last SFT step; Phase I at fwm_rl_lr;
+    # Phase II: the IDM at its configured rate (idm_rl_lr unset).
+    assert _scalar_values(run, "lr/fwm")[:6] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-5, 3e-5, 3e-5])
+    assert _scalar_values(run, "lr/idm")[-2:] == pytest.approx([1e-3, 1e-3])
     assert (run / "checkpoints" / "last.ckpt").exists()
     tags = _tensorboard_tags(run)
     assert any(t.startswith("val/fwm") for t in tags["images"]), tags["images"]

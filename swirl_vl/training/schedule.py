@@ -21,7 +21,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from swirl_vl.training.swirl import SwirlModule
+from swirl_vl.training.swirl import TRAINS, SwirlModule
 
 DONE = "done"
 
@@ -91,7 +91,7 @@ class SwirlSchedule(Callback):
 
     def _enter(self, module: SwirlModule, refresh_reference: bool) -> None:
         if self.stage != DONE:
-            module.enter_stage(self.stage, self.iteration, refresh_reference)
+            module.enter_stage(self.stage, self.iteration, refresh_reference, self._steps(self.stage))
             if refresh_reference is False and self.stage != "sft":
                 which = "fwm" if self.stage == "phase1" else "idm"
                 if getattr(module, f"{which}_ref") is None:
@@ -167,7 +167,7 @@ class SwirlSchedule(Callback):
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if trainer.global_rank != 0 or log_dir is None:
             return
-        models = {"sft": ("fwm", "idm"), "phase1": ("fwm",), "phase2": ("idm",)}[stage]
+        models = TRAINS[stage]
         tag = "sft" if stage == "sft" else f"iteration_{iteration + 1}_{stage}"
         for name in models:
             final = Path(log_dir) / "pretrained" / tag / name

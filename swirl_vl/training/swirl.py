@@ -23,9 +23,12 @@ from swirl_vl.eval.report import MetricTable
 from swirl_vl.models.base import Rollout
 from swirl_vl.rl.grpo import group_advantages, grpo_loss
 from swirl_vl.training.images import log_texts, log_transitions
+from swirl_vl.training.lr import LRSchedule, lr_factor
 from swirl_vl.training.sft import FWMModule, IDMModule, finish_test_report, labelled_pairs
 
 STAGES = ("sft", "phase1", "phase2")
+TRAINS = {"sft": ("fwm", "idm"), "phase1": ("fwm",), "phase2": ("idm",)}
+"""The models that train in each stage."""
 
 
 def mean_token_logprob(logp: Tensor, mask: Tensor) -> Tensor:
@@ -54,6 +57,11 @@ class SwirlModule(LightningModule):
         reference: Literal["sft", "iteration"] = "sft",
         grad_clip: float = 1.0,
         log_rollouts_every_n_steps: int = 50,
+        sft_lr_schedule: LRSchedule = "cosine",
+        sft_warmup_steps: int = 50,
+        fwm_rl_lr: float | None = None,
+        idm_rl_lr: float | None = None,
+        phase1: Literal["grpo", "bootstrap"] = "grpo",
     ) -> None:
         """
         Args:
@@ -76,6 +84,14 @@ class SwirlModule(LightningModule):
                 iteration (``iteration``).
             grad_clip: gradient-norm clip for every optimiser step (0: off).
             log_rollouts_every_n_steps: how often (in steps of a phase) rollout grids / texts go to TensorBoard.
+            sft_lr_schedule: SFT learning rate over the stage: ``constant``, or ``cosine`` decay to 5% of each
+                optimiser's configured rate at the last SFT step.
+            sft_warmup_steps: linear warm-up of the SFT learning rate, in steps.
+            fwm_rl_lr: constant learning rate of the FWM in Phase I (None: its optimiser's configured rate).
+                RL updates want a far smaller step than SFT: at the SFT rate Phase I drifts off the reference.
+            idm_rl_lr: constant learning rate of the IDM in Phase II (None: its optimiser's configured rate).
+            phase1: ``grpo`` (SWIRL) or ``bootstrap``: the paper's baseline that instead fine-tunes the FWM on the
+                IDM's filtered pseudo-labels of the unlabelled pairs, with the real next state as target.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["fwm", "idm"])
@@ -90,21 +106,27 @@ class SwirlModule(LightningModule):
         self.stage: str = "sft"
         self.iteration: int = 0
         self.step_in_phase: int = 0
+        self.stage_steps: int = 0
         self._trainable: dict[str, set[str]] = {}
+        self._base_lrs: list[list[float]] = []
 
     # ---------------------------------------------------------------- stage control (driven by SwirlSchedule)
 
-    def enter_stage(self, stage: str, iteration: int, refresh_reference: bool) -> None:
-        """Freeze the model that does not train in ``stage`` (eval mode, no grads) and unfreeze the other."""
+    def enter_stage(self, stage: str, iteration: int, refresh_reference: bool, num_steps: int = 0) -> None:
+        """Freeze the model that does not train in ``stage`` (eval mode, no grads) and unfreeze the other.
+
+        ``num_steps``: the stage's length, which the SFT learning-rate schedule spans.
+        """
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        self.stage_steps = num_steps
         if not self._trainable:  # remember what each backend itself leaves trainable (e.g. not its VQ)
             self._trainable = {
                 name: {n for n, p in m.model.named_parameters() if p.requires_grad}
                 for name, m in (("fwm", self.fwm), ("idm", self.idm))
             }
         self.stage, self.iteration = stage, iteration
-        trains = {"sft": ("fwm", "idm"), "phase1": ("fwm",), "phase2": ("idm",)}[stage]
+        trains = TRAINS[stage]
         for name in ("fwm", "idm"):
             module = getattr(self, name)
             on = name in trains
@@ -132,15 +154,36 @@ class SwirlModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.fwm.make_optimizer(), self.idm.make_optimizer()]
+        optimizers = [self.fwm.make_optimizer(), self.idm.make_optimizer()]
+        # The configured rates; a resumed optimiser state carries the last scheduled rate instead.
+        self._base_lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]
+        return optimizers
+
+    def current_lr(self, which: Literal["fwm", "idm"], base: float) -> float:
+        """The learning rate of ``which`` at the current step of the current stage, given its configured rate."""
+        if self.stage == "sft":
+            h = self.hparams
+            return base * lr_factor(self.step_in_phase, self.stage_steps, h.sft_warmup_steps, h.sft_lr_schedule)
+        rl_lr = self.hparams[f"{which}_rl_lr"]
+        return base if rl_lr is None else rl_lr
+
+    def _apply_lrs(self, optimizers: list[Any]) -> None:
+        for which, opt, bases in zip(("fwm", "idm"), optimizers, self._base_lrs):
+            for group, base in zip(getattr(opt, "optimizer", opt).param_groups, bases):
+                group["lr"] = self.current_lr(which, base)
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> None:
         fwm_opt, idm_opt = self.optimizers()
+        self._apply_lrs([fwm_opt, idm_opt])
+        for which, opt in (("fwm", fwm_opt), ("idm", idm_opt)):
+            if which in TRAINS[self.stage]:
+                self.log(f"lr/{which}", getattr(opt, "optimizer", opt).param_groups[0]["lr"], batch_size=1)
         if self.stage == "sft":
             self.sft_step(labelled_pairs(batch), fwm_opt, idm_opt)
         elif self.stage == "phase1":
-            self.phase1_fwm_step(self._rl_pairs(batch), fwm_opt)
+            step = self.bootstrap_fwm_step if self.hparams.phase1 == "bootstrap" else self.phase1_fwm_step
+            step(self._rl_pairs(batch), fwm_opt)
         else:
             self.phase2_idm_step(self._rl_pairs(batch), idm_opt)
         self.log("iteration", float(self.iteration), prog_bar=True, batch_size=1)
@@ -180,21 +223,39 @@ class SwirlModule(LightningModule):
         labels = self.idm.model.sample(x, y, num_samples=1, greedy=True)
         return labels.texts, mean_token_logprob(labels.old_logprobs, labels.mask)
 
-    def phase1_fwm_step(self, pairs: dict, opt: Any) -> None:
-        """Phase I: variational information maximisation; the FWM trains with reward ``log Q_φ(z | x, ŷ)``."""
-        g = self.hparams.fwm_group_size
+    def filtered_labels(self, pairs: dict) -> tuple[Tensor, Tensor, list[str]] | None:
+        """The unlabelled pairs whose greedy IDM label passes ``min_label_logprob``: ``(x, y, z)``, or None."""
         x, y = pairs["x"], pairs["y"]
         z, label_logprob = self.label_pairs(x, y)
         keep = label_logprob >= self.hparams.min_label_logprob
         self.log("phase1/labels_kept", keep.float().mean(), batch_size=len(z))
         self.log("phase1/label_logprob", label_logprob.mean(), batch_size=len(z))
         if not keep.any():
-            # Still a (zero) backward: under DDP every rank must take part in the same reductions.
-            self._step(opt, sum(p.sum() * 0 for p in self.fwm.model.parameters() if p.requires_grad))
-            return
+            return None
         idx = keep.nonzero().squeeze(1)
-        x, y = x[idx], y[idx]
-        z = [z[i] for i in idx.tolist()]
+        return x[idx], y[idx], [z[i] for i in idx.tolist()]
+
+    def _zero_step(self, opt: Any, model: nn.Module) -> None:
+        # Still a (zero) backward: under DDP every rank must take part in the same reductions.
+        self._step(opt, sum(p.sum() * 0 for p in model.parameters() if p.requires_grad))
+
+    def bootstrap_fwm_step(self, pairs: dict, opt: Any) -> None:
+        """The Bootstrap baseline (paper, Table 1): SFT of the FWM on the frozen IDM's filtered greedy labels."""
+        labelled = self.filtered_labels(pairs)
+        if labelled is None:
+            return self._zero_step(opt, self.fwm.model)
+        x, y, z = labelled
+        loss = self.fwm.model.sft_loss(x, z, y)
+        self._step(opt, loss)
+        self.log("phase1/loss", loss.detach(), batch_size=len(z))
+
+    def phase1_fwm_step(self, pairs: dict, opt: Any) -> None:
+        """Phase I: variational information maximisation; the FWM trains with reward ``log Q_φ(z | x, ŷ)``."""
+        g = self.hparams.fwm_group_size
+        labelled = self.filtered_labels(pairs)
+        if labelled is None:
+            return self._zero_step(opt, self.fwm.model)
+        x, y, z = labelled
         with torch.no_grad():
             rollout = self.fwm.model.sample(x, z, num_samples=g, **(self.hparams.fwm_generation or {}))
             x_rep, z_rep = x.repeat_interleave(g, 0), [a for a in z for _ in range(g)]

@@ -1,0 +1,90 @@
+"""The paper's ablations (Tables 1 and 7) in miniature on the sprite world, over seeds.
+
+Per seed, SFT once; then from the same SFT folders, data and seed, arms with the same number of updates:
+  sft_only        SFT continued on the labelled split for ``iterations × (phase1_steps + phase2_steps)`` steps
+  bootstrap       Phase I replaced by SFT of the FWM on the IDM's filtered pseudo-labels (real next states)
+  swirl_phase1    SWIRL IDM→FWM: Phase I only (``iterations × phase1_steps`` FWM updates, the IDM stays SFT)
+  swirl           SWIRL iterative: ``iterations`` rounds of Phase I then Phase II
+Prints a Markdown table of test metrics (mean ± std over seeds) and writes JSON with every seed's tables.
+
+    python benchmarks/ablations.py --seeds 0 1 2 --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from runs import REPO, Arm, print_table, run_seed, summarise, write_json
+
+
+def arms(iterations: int, p1: int, p2: int) -> list[Arm]:
+    swirl = ["--schedule.sft_steps", "0", "--schedule.phase1_steps", str(p1), "--schedule.phase2_steps", str(p2)]
+    return [
+        Arm("sft_only", ["--schedule.sft_steps", str(iterations * (p1 + p2)), "--schedule.iterations", "0"]),
+        Arm(
+            "bootstrap",
+            [*swirl, "--schedule.iterations", str(iterations), "--model.init_args.phase1", "bootstrap"]
+            + ["--model.init_args.fwm_rl_lr", "null", "--schedule.phase2_steps", "0"]
+            + ["--schedule.phase1_steps", str(p1 + p2)],
+        ),
+        Arm("swirl_phase1", [*swirl, "--schedule.iterations", "1", "--schedule.phase1_steps", str(iterations * p1)]),
+        Arm("swirl", [*swirl, "--schedule.iterations", str(iterations)]),
+    ]
+
+
+def parser(doc: str, out: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/sprites.yaml")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--work", type=Path, default=REPO / "runs" / Path(out).stem)
+    p.add_argument("--sft-steps", type=int, default=None, help="default: the config's schedule.sft_steps")
+    p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--phase1-steps", type=int, default=100)
+    p.add_argument("--phase2-steps", type=int, default=50)
+    p.add_argument("--jobs", type=int, default=2, help="arms run side by side, one thread each")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / out)
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="further CLI overrides for every run, after --")
+    return p
+
+
+def main(select: list[str] | None = None, doc: str = __doc__, out: str = "ablations.json") -> dict:
+    a = parser(doc, out).parse_args()
+    extra = [x for x in a.extra if x != "--"]
+    chosen = [arm for arm in arms(a.iterations, a.phase1_steps, a.phase2_steps) if select is None or arm.name in select]
+    names = ["sft", *(arm.name for arm in chosen)]
+    sft_steps = a.sft_steps if a.sft_steps is not None else _config_sft_steps(a.config)
+    results = []
+    for seed in a.seeds:
+        print(f"seed {seed}", flush=True)
+        r = run_seed(a.config, seed, a.work / f"seed{seed}", sft_steps, chosen, extra, a.jobs)
+        results.append(r)
+        for metric in ("fwm_state_acc", "idm_action_acc"):
+            print(f"  {metric}: " + "  ".join(f"{n} {r[n][metric]:.3f}" for n in names), flush=True)
+    summary = summarise(results, names)
+    print_table(summary, names)
+    base = summary["sft_only"]["fwm_state_acc"][0] if "sft_only" in summary else float("nan")
+    gains = {
+        n: {m: (summary[n][m][0] - summary["sft_only"][m][0]) / summary["sft_only"][m][0] for m in summary[n]}
+        for n in names
+        if "sft_only" in summary and base
+    }
+    for n, g in gains.items():
+        print(
+            f"{n:13s} relative to sft_only: fwm_state_acc {g['fwm_state_acc']:+.1%}, "
+            f"idm_action_acc {g['idm_action_acc']:+.1%}"
+        )
+    payload = {"args": {k: str(v) for k, v in vars(a).items()}, "seeds": results, "summary": summary, "gains": gains}
+    write_json(a.out, payload)
+    print(f"written {a.out}")
+    return payload
+
+
+def _config_sft_steps(config: str) -> int:
+    import yaml
+
+    return int(yaml.safe_load((REPO / config).read_text())["schedule"]["sft_steps"])
+
+
+if __name__ == "__main__":
+    main()

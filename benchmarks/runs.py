@@ -1,0 +1,131 @@
+"""Shared by the benchmarks: run ``python -m swirl_vl fit`` arms from one SFT checkpoint and collect their tables.
+
+Every arm is a subprocess of the real CLI with the same config, data and seed; arms differ only in CLI
+overrides. ``jobs > 1`` runs arms side by side with one thread each (on a small machine, several
+multi-threaded torch processes spin against each other and run many times slower than one thread each).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("fwm_state_acc", "idm_action_acc", "fwm_psnr", "idm_exact")
+
+
+@dataclass
+class Arm:
+    """One training run: its name and its CLI overrides (on top of the shared ones)."""
+
+    name: str
+    overrides: list[str] = field(default_factory=list)
+
+
+def fit(config: str, work: Path, arm: Arm, seed: int, fwm: str, idm: str, tiny: bool, extra: list[str], threads: int):
+    """Run one arm to the end; returns ``(run_dir, seconds)``. Raises with the CLI's stderr tail on failure."""
+    args = [
+        sys.executable,
+        "-m",
+        "swirl_vl",
+        "fit",
+        "--config",
+        config,
+        "--seed_everything",
+        str(seed),
+        "--trainer.logger.init_args.save_dir",
+        str(work / "runs"),
+        "--trainer.logger.init_args.name",
+        arm.name,
+        "--trainer.enable_progress_bar",
+        "false",
+        "--model.init_args.fwm.init_args.model.init_args.path",
+        fwm,
+        "--model.init_args.fwm.init_args.model.init_args.build_tiny",
+        str(tiny).lower(),
+        "--model.init_args.idm.init_args.model.init_args.path",
+        idm,
+        "--model.init_args.idm.init_args.model.init_args.build_tiny",
+        "llava" if tiny else "null",
+        "--data.root",
+        str(work / "data"),
+        "--data.seed",
+        str(seed),
+        *extra,
+        *arm.overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    log = work / f"{arm.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        proc = subprocess.run(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{arm.name} failed (exit {proc.returncode}); log: {log}\n{log.read_text()[-4000:]}")
+    seconds = time.perf_counter() - started
+    run = sorted((work / "runs" / arm.name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
+    print(f"  {arm.name}: {seconds:.0f} s", flush=True)
+    return run, seconds
+
+
+def run_seed(config: str, seed: int, work: Path, sft_steps: int, arms: list[Arm], extra: list[str], jobs: int) -> dict:
+    """SFT once, then every arm from the SFT folders; returns per-arm final metrics, tables and phase stats."""
+    threads = 1 if jobs > 1 else (os.cpu_count() or 1)
+    sft_arm = Arm("sft", ["--schedule.sft_steps", str(sft_steps), "--schedule.iterations", "0"])
+    models = work / "models"
+    sft, sft_seconds = fit(config, work, sft_arm, seed, str(models / "fwm"), str(models / "idm"), True, extra, threads)
+    fwm, idm = str(sft / "pretrained" / "sft" / "fwm"), str(sft / "pretrained" / "sft" / "idm")
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {arm.name: pool.submit(fit, config, work, arm, seed, fwm, idm, False, extra, threads) for arm in arms}
+        runs = {name: future.result() for name, future in futures.items()}
+    result = {"seed": seed, "sft": _final(sft), "seconds": {"sft": sft_seconds}, "tables": {}, "phases": {}}
+    result["phases"]["sft"] = _read(sft / "swirl_phases.json")
+    for name, (run, seconds) in runs.items():
+        result[name] = _final(run)
+        result["seconds"][name] = seconds
+        result["tables"][name] = _read(run / "swirl_metrics.json")
+        result["phases"][name] = _read(run / "swirl_phases.json")
+    return result
+
+
+def _read(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _final(run: Path) -> dict:
+    rows = _read(run / "swirl_metrics.json")
+    return {m: rows[-1].get(m) for m in METRICS} if rows else {}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(results: list[dict], arms: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Mean ± std over seeds of every metric, per arm."""
+    return {
+        arm: {m: mean_std([r[arm][m] for r in results if r[arm].get(m) is not None]) for m in METRICS} for arm in arms
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` atomically (temporary name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+def print_table(summary: dict, arms: list[str]) -> None:
+    print("| arm | " + " | ".join(METRICS) + " |")
+    print("|---|" + "---|" * len(METRICS))
+    for arm in arms:
+        cells = " | ".join(f"{mu:.3f} ± {sd:.3f}" for mu, sd in (summary[arm][m] for m in METRICS))
+        print(f"| {arm} | {cells} |")
