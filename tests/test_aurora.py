@@ -14,6 +14,7 @@ import pytest
 
 from datamodules.convert import convert_aurora
 from swirl_vl.cli import main
+from swirl_vl.models.tiny_vlm import build_tiny_llava
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "aurora-bench-sample"
@@ -109,7 +110,13 @@ def test_tiny_config_fits_then_tests_on_the_converted_sample(tmp_path: Path) -> 
     assert [(p["stage"], p["steps"]) for p in phases] == [("sft", 4), ("phase1", 2), ("phase2", 2)]
     assert (run / "pretrained" / "iteration_1_phase2" / "idm" / "config.json").exists()
 
-    test = _swirl("test", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), cwd=tmp_path)
+    # `test` with a VLM judge (a tiny random one: its answers are mostly unreadable, which the report counts).
+    judge = {"class_path": "swirl_vl.eval.judge.VLMJudge", "init_args": {"path": str(tmp_path / "judge")}}
+    build_tiny_llava(tmp_path / "judge", seed=0, image_size=32)
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    test = _swirl(
+        "test", *args, "--model.init_args.fwm.init_args.judge", json.dumps(judge), "--ckpt_path", ckpt, cwd=tmp_path
+    )
     assert test.returncode == 0, test.stdout[-3000:] + test.stderr[-5000:]
     assert "test/fwm_psnr" in test.stdout and "test/idm_exact" in test.stdout
     report = json.loads((tmp_path / "runs" / "aurorabench_tiny" / "version_1" / "test_metrics.json").read_text())
@@ -117,3 +124,5 @@ def test_tiny_config_fits_then_tests_on_the_converted_sample(tmp_path: Path) -> 
     assert set(rows) == {"all"} | TASKS
     assert rows["all"]["pairs"] == 28 and sum(rows[t]["pairs"] for t in TASKS) == 28
     assert all(0 <= rows[t]["fwm_l1"] <= 1 for t in rows)
+    assert all(0 <= rows[t]["judge_unparsed"] <= 1 for t in rows)
+    assert report["counts"]["all"]["judge_unparsed"] == 28

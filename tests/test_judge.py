@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from swirl_vl.eval.judge import JUDGE_PROMPT, Judge, VLMJudge, kept_score, parse_scores, scores_from_texts
+from swirl_vl.models.diffusion_fwm import DiffusionFWM
 from swirl_vl.models.idm import image_pair_inputs
 from swirl_vl.models.tiny_vlm import build_tiny_llava, build_tiny_qwen2_5_vl
+from swirl_vl.training.sft import FWMModule
 
 
 @pytest.mark.parametrize(
@@ -47,11 +49,9 @@ def test_scores_from_texts_counts_unparsed() -> None:
     scores = scores_from_texts(['{"score": [9, 4]}', "no idea", "Success: 2, over-edit: 8"])
     torch.testing.assert_close(scores.score, torch.tensor([4.0, math.nan, 2.0]), equal_nan=True)
     assert scores.num_unparsed == 1
-    assert {name: v.shape for name, v in scores.metrics().items()} == {
-        "judge_score": (3,),
-        "judge_success": (3,),
-        "judge_over_edit": (3,),
-    }
+    metrics = scores.metrics()
+    assert set(metrics) == {"judge_score", "judge_success", "judge_over_edit", "judge_unparsed"}
+    torch.testing.assert_close(metrics["judge_unparsed"], torch.tensor([0.0, 1.0, 0.0]))
 
 
 class _FixedJudge(Judge):
@@ -67,6 +67,17 @@ def test_judge_call_checks_batch_sizes() -> None:
     assert _FixedJudge(['{"score": [1, 2]}', "x"])(x, ["a", "b"], x).num_unparsed == 1
     with pytest.raises(AssertionError):
         _FixedJudge(["x"])(x, ["a"], x)
+
+
+def test_fwm_module_test_metrics_add_the_judges_scores(tmp_path: Path) -> None:
+    fwm = DiffusionFWM(str(tmp_path / "fwm"), build_tiny=True, num_inference_steps=2)
+    batch = {"x": torch.rand(2, 3, 32, 32), "y": torch.rand(2, 3, 32, 32), "action": ["remove the man", "open it"]}
+    assert "judge_score" not in FWMModule(fwm).test_only_metrics(batch)
+    judge = _FixedJudge(['{"score": [9, 4]}', "unreadable"])
+    metrics = FWMModule(fwm, judge=judge).test_only_metrics(batch)
+    torch.testing.assert_close(metrics["judge_score"], torch.tensor([4.0, math.nan]), equal_nan=True)
+    torch.testing.assert_close(metrics["judge_unparsed"], torch.tensor([0.0, 1.0]))
+    assert "fwm_action_sensitivity" in metrics
 
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_5_vl"])

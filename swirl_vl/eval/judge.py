@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,8 +89,14 @@ class JudgeScores:
         return int(self.score.isnan().sum())
 
     def metrics(self) -> dict[str, Tensor]:
-        """Per-example ``{name: (B,)}`` in the evaluation's format (NaN = no answer; the test report skips it)."""
-        return {"judge_score": self.score, "judge_success": self.success, "judge_over_edit": self.over_edit}
+        """Per-example ``{name: (B,)}`` in the evaluation's format: the scores (NaN where unread, which the test report
+        skips) and ``judge_unparsed`` (1 where unread), whose mean is the share of answers left out."""
+        return {
+            "judge_score": self.score,
+            "judge_success": self.success,
+            "judge_over_edit": self.over_edit,
+            "judge_unparsed": self.score.isnan().float(),
+        }
 
 
 def scores_from_texts(texts: list[str]) -> JudgeScores:
@@ -125,14 +133,17 @@ class VLMJudge(Judge):
         device: where to run the judge.
     """
 
-    def __init__(
-        self, path: str, prompt: str = JUDGE_PROMPT, max_new_tokens: int = 32, device: str | torch.device = "cpu"
-    ) -> None:
+    def __init__(self, path: str, prompt: str = JUDGE_PROMPT, max_new_tokens: int = 32, device: str = "cpu") -> None:
         if "{instruction}" not in prompt:
             raise ValueError("the judge prompt must contain '{instruction}'")
         self.vlm = VLMIDM(path, max_new_tokens=max_new_tokens).eval().requires_grad_(False).to(device)
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
+
+    @classmethod
+    def preflight(cls, init_args: Mapping[str, Any], stage: str) -> list[str]:
+        """The CLI's check before anything loads: the same folder check as the IDM's."""
+        return VLMIDM.preflight({"path": init_args["path"]}, stage)
 
     @torch.no_grad()
     def answers(self, x: Tensor, z: list[str], y_hat: Tensor) -> list[str]:

@@ -17,6 +17,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from swirl_vl.eval.evaluate import evaluate_fwm, evaluate_idm
+from swirl_vl.eval.judge import Judge
 from swirl_vl.eval.report import ALL, MetricTable, gather, write_report
 from swirl_vl.eval.rollout import rollout_trajectories
 from swirl_vl.eval.sensitivity import fwm_action_sensitivity, idm_image_sensitivity
@@ -131,6 +132,7 @@ class FWMModule(_WorldModelModule):
         optimizer: OptimizerCallable = _adamw,
         log_images: int = 8,
         max_rollout_trajectories: int | None = 64,
+        judge: Judge | None = None,
     ) -> None:
         """
         Args:
@@ -139,6 +141,8 @@ class FWMModule(_WorldModelModule):
             log_images: rows of ``x | ŷ | y`` written to TensorBoard per evaluation (0: none).
             max_rollout_trajectories: test trajectories (the first ones, over all devices) that ``test`` rolls out
                 multi-turn for the ``turn_k/…`` metrics (None: all; 0: no rollouts).
+            judge: VLM-as-judge (e.g. ``swirl_vl.eval.judge.VLMJudge``) that ``test`` asks about each greedy edit:
+                ``judge_score`` = min(``judge_success``, ``judge_over_edit``), 0–10; None: no judge.
         """
         if max_rollout_trajectories is not None and max_rollout_trajectories < 0:
             raise ValueError(
@@ -146,9 +150,10 @@ class FWMModule(_WorldModelModule):
                 f"must be ≥ 0 or null; got {max_rollout_trajectories}"
             )
         super().__init__(optimizer, log_images)
-        self.save_hyperparameters(ignore=["model", "optimizer"])
+        self.save_hyperparameters(ignore=["model", "optimizer", "judge"])
         self.model = model
         self.max_rollout_trajectories = max_rollout_trajectories
+        self.judge = judge  # not an nn.Module: its weights stay out of checkpoints
 
     @override
     def sft_loss(self, batch: dict) -> Tensor:
@@ -160,7 +165,15 @@ class FWMModule(_WorldModelModule):
 
     @override
     def test_only_metrics(self, batch: dict) -> dict[str, Tensor]:
-        return {"fwm_action_sensitivity": fwm_action_sensitivity(self.model, batch["x"], batch["action"], batch["y"])}
+        metrics = {
+            "fwm_action_sensitivity": fwm_action_sensitivity(self.model, batch["x"], batch["action"], batch["y"])
+        }
+        if self.judge is not None:
+            # Greedy sampling is deterministic: this is the edit evaluate() scored, sampled again.
+            y_hat = self.model.sample(batch["x"], batch["action"], num_samples=1, greedy=True).images
+            judged = self.judge(batch["x"], list(batch["action"]), y_hat).metrics()
+            metrics |= {name: values.to(y_hat.device) for name, values in judged.items()}
+        return metrics
 
     def add_rollouts(self, table: MetricTable, trainer: Trainer) -> None:
         """Multi-turn rollouts of this rank's share of the first ``max_rollout_trajectories`` test trajectories,
