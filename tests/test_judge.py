@@ -111,9 +111,11 @@ def test_the_judge_sees_both_images_and_the_instruction(tiny_judge_path: Path) -
     assert inputs["pixel_values"].shape[0] > 0
 
 
-def test_missing_judge_folder_names_the_path(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no-such-judge.*hf download"):
+def test_missing_judge_folder_names_the_path(tmp_path: Path, tiny_judge_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="VLMJudge.*no-such-judge.*hf download"):
         VLMJudge(str(tmp_path / "no-such-judge"))
+    assert "no-such-judge" in VLMJudge.preflight({"path": str(tmp_path / "no-such-judge")}, "test")[0]
+    assert VLMJudge.preflight({"path": str(tiny_judge_path)}, "test") == []
     assert "{instruction}" in JUDGE_PROMPT
     with pytest.raises(ValueError, match="instruction"):
         VLMJudge(str(tmp_path), prompt="rate it")

@@ -14,11 +14,13 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from swirl_vl.models.base import missing_checkpoint_error
 from swirl_vl.models.idm import VLMIDM, image_pair_inputs
 
 JUDGE_PROMPT = (
@@ -122,8 +124,8 @@ class Judge(ABC):
 class VLMJudge(Judge):
     """A local transformers image-text-to-text model (e.g. ``Qwen/Qwen2.5-VL-7B-Instruct``) as the judge.
 
-    It reads two images and a prompt, as the IDM does, so it loads through ``VLMIDM`` (same folder check,
-    padding and stop tokens) and asks ``prompt`` instead; answers are greedy, so scores are reproducible.
+    It reads two images and a prompt, as the IDM does, so it loads through ``VLMIDM`` (left padding, pad and stop
+    tokens, the two-image chat prompt) and asks ``prompt`` instead; answers are greedy, so scores are reproducible.
     Not an ``nn.Module``: a LightningModule that holds it does not put the judge's weights in its checkpoints.
 
     Args:
@@ -136,14 +138,17 @@ class VLMJudge(Judge):
     def __init__(self, path: str, prompt: str = JUDGE_PROMPT, max_new_tokens: int = 32, device: str = "cpu") -> None:
         if "{instruction}" not in prompt:
             raise ValueError("the judge prompt must contain '{instruction}'")
+        if (error := _missing_folder(Path(path))) is not None:
+            raise error
         self.vlm = VLMIDM(path, max_new_tokens=max_new_tokens).eval().requires_grad_(False).to(device)
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
 
     @classmethod
     def preflight(cls, init_args: Mapping[str, Any], stage: str) -> list[str]:
-        """The CLI's check before anything loads: the same folder check as the IDM's."""
-        return VLMIDM.preflight({"path": init_args["path"]}, stage)
+        """What ``cls(**init_args)`` would find missing, checked without loading anything (the CLI asks first)."""
+        error = _missing_folder(Path(init_args["path"]))
+        return [] if error is None else [str(error)]
 
     @torch.no_grad()
     def answers(self, x: Tensor, z: list[str], y_hat: Tensor) -> list[str]:
@@ -163,3 +168,14 @@ class VLMJudge(Judge):
         # Rows that stop early are padded; skip_special_tokens drops the pads and stop tokens.
         completion = sequences[:, prompt_len:]
         return [t.strip() for t in vlm.processor.tokenizer.batch_decode(completion, skip_special_tokens=True)]
+
+
+def _missing_folder(path: Path) -> FileNotFoundError | None:
+    if (path / "config.json").is_file():
+        return None
+    return missing_checkpoint_error(
+        path,
+        "VLMJudge: image-text-to-text model folder (config.json)",
+        f"Download one: `hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir {path}` (any transformers "
+        "image-text-to-text model with its processor and chat template works).",
+    )
