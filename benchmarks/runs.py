@@ -30,7 +30,10 @@ class Arm:
 
 
 def fit(config: str, work: Path, arm: Arm, seed: int, fwm: str, idm: str, tiny: bool, extra: list[str], threads: int):
-    """Run one arm to the end; returns ``(run_dir, seconds)``. Raises with the CLI's stderr tail on failure."""
+    """Run one arm to the end; returns ``(run_dir, seconds)``. Raises with the CLI's log tail on failure.
+
+    ``tiny``: build the config's tiny models at ``fwm`` / ``idm`` (SFT from scratch); otherwise both must exist.
+    """
     args = [
         sys.executable,
         "-m",
@@ -48,12 +51,8 @@ def fit(config: str, work: Path, arm: Arm, seed: int, fwm: str, idm: str, tiny: 
         "false",
         "--model.init_args.fwm.init_args.model.init_args.path",
         fwm,
-        "--model.init_args.fwm.init_args.model.init_args.build_tiny",
-        str(tiny).lower(),
         "--model.init_args.idm.init_args.model.init_args.path",
         idm,
-        "--model.init_args.idm.init_args.model.init_args.build_tiny",
-        "llava" if tiny else "null",
         "--data.root",
         str(work / "data"),
         "--data.seed",
@@ -61,6 +60,10 @@ def fit(config: str, work: Path, arm: Arm, seed: int, fwm: str, idm: str, tiny: 
         *extra,
         *arm.overrides,
     ]
+    if not tiny:  # the config's build_tiny would otherwise silently replace a missing SFT folder
+        missing = [path for path in (fwm, idm) if not (Path(path) / "config.json").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{arm.name}: no model folder at {missing}")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     log = work / f"{arm.name}.log"

@@ -241,3 +241,37 @@ def test_ddp_two_processes_sft_phase1_phase2(tmp_path, sprite_root):
     final = _checkpoint_state(_version_dir(tmp_path) / "checkpoints" / "last.ckpt")
     assert final["stage"] == "done"
     assert [row["after"] for row in final["history"]] == ["sft", "iteration_1"]
+
+
+@pytest.mark.parametrize("config", ["sprites.yaml", "sprites_shared_lora.yaml"])
+def test_lora_phases_train_adapters_on_a_frozen_sft_base(tmp_path, sprite_root, config):
+    args = _tiny_args(tmp_path, sprite_root, "--schedule.sft_steps", "2", "--schedule.iterations", "1")
+    args[1] = str(REPO / "configs" / config)
+    args += ["--schedule.phase1_steps", "2", "--schedule.phase2_steps", "2", "--model.init_args.lora.r", "4"]
+    args += ["--trainer.logger.init_args.name", "sprites"]
+    if config == "sprites_shared_lora.yaml":
+        args += ["--model.init_args.idm.init_args.model.init_args.path", str(tmp_path / "models" / "fwm")]
+    proc = _run(["fit", *args])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run = _version_dir(tmp_path)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = ckpt["state_dict"]
+    assert not any(k.startswith(("fwm_ref.", "idm_ref.")) for k in state), "LoRA needs no reference copy"
+    for adapter in ("fwm", "idm"):
+        lora_b = [v for k, v in state.items() if k.endswith(f"lora_B.{adapter}.weight")]
+        assert lora_b and any(v.abs().sum() > 0 for v in lora_b), f"the {adapter} adapter did not train"
+    # The merged FWM after Phase I differs from the SFT one, which the frozen base still equals.
+    from safetensors.torch import load_file
+
+    sft = load_file(run / "pretrained" / "sft" / "fwm" / "model.safetensors")
+    phase1 = load_file(run / "pretrained" / "iteration_1_phase1" / "fwm" / "model.safetensors")
+    assert sft.keys() == phase1.keys()
+    assert any(not torch.equal(sft[k], phase1[k]) for k in sft)
+    base = {
+        k.split("peft.base_model.model.")[-1].replace(".base_layer", ""): v
+        for k, v in state.items()
+        if k.startswith("fwm.model.lm.peft.")
+    }
+    assert base.keys() >= sft.keys() and all(torch.equal(base[k], sft[k]) for k in sft)
+    proc = _run(["test", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert proc.returncode == 0, proc.stderr[-5000:]

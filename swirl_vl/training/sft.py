@@ -77,8 +77,9 @@ class _WorldModelModule(LightningModule):
         """Per-example metrics ``{name: (B,)}`` too costly for every validation; ``test`` adds them."""
         raise NotImplementedError
 
-    def make_optimizer(self) -> torch.optim.Optimizer:
-        return self.optimizer([p for p in self.model.parameters() if p.requires_grad])
+    def make_optimizer(self, exclude: set[int] = frozenset()) -> torch.optim.Optimizer:
+        """The optimiser over the model's trainable parameters, less those whose ``id`` is in ``exclude``."""
+        return self.optimizer([p for p in self.model.parameters() if p.requires_grad and id(p) not in exclude])
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -21,8 +21,11 @@ from typing_extensions import override
 from swirl_vl.eval.evaluate import evaluate_cycle
 from swirl_vl.eval.report import MetricTable
 from swirl_vl.models.base import Rollout
+from swirl_vl.models.token_fwm import TokenFWM
+from swirl_vl.models.token_idm import TokenIDM
 from swirl_vl.rl.grpo import group_advantages, grpo_loss
 from swirl_vl.training.images import log_texts, log_transitions
+from swirl_vl.training.lora import LoraReference, LoraSpec, adapter_parameters, add_lora
 from swirl_vl.training.lr import LRSchedule, lr_factor
 from swirl_vl.training.sft import FWMModule, IDMModule, finish_test_report, labelled_pairs
 
@@ -62,6 +65,8 @@ class SwirlModule(LightningModule):
         fwm_rl_lr: float | None = None,
         idm_rl_lr: float | None = None,
         phase1: Literal["grpo", "bootstrap"] = "grpo",
+        lora: LoraSpec | None = None,
+        shared_base: bool = False,
     ) -> None:
         """
         Args:
@@ -92,6 +97,13 @@ class SwirlModule(LightningModule):
             idm_rl_lr: constant learning rate of the IDM in Phase II (None: its optimiser's configured rate).
             phase1: ``grpo`` (SWIRL) or ``bootstrap``: the paper's baseline that instead fine-tunes the FWM on the
                 IDM's filtered pseudo-labels of the unlabelled pairs, with the real next state as target.
+            lora: train SWIRL's phases through LoRA adapters (PEFT) instead of full fine-tuning. The adapters start
+                at zero and stay frozen during SFT, so they begin where SFT ended and the base (the SFT model, with
+                the adapter disabled) is the KL reference without a second copy. None: full fine-tuning, reference
+                a frozen copy.
+            shared_base: one language model for both (the paper's one base, two LoRA adapters): the IDM must be a
+                ``TokenIDM`` and the FWM a ``TokenFWM``; the IDM runs on the FWM's model, tokenizer and VQ. Needs
+                ``lora``; SFT trains the shared base on both losses.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["fwm", "idm"])
@@ -99,6 +111,25 @@ class SwirlModule(LightningModule):
             if g < 2:
                 raise ValueError(f"--model.{name} must be ≥ 2 for group-relative advantages; got {g}")
         self.automatic_optimization = False
+        if lora is not None and reference == "iteration":
+            raise ValueError(
+                "--model.reference iteration needs full fine-tuning: with --model.lora the reference is "
+                "the base model (the SFT model); use --model.reference sft"
+            )
+        if shared_base:
+            if lora is None or not isinstance(fwm.model, TokenFWM) or not isinstance(idm.model, TokenIDM):
+                raise ValueError(
+                    "--model.shared_base needs --model.lora, a TokenFWM FWM and a TokenIDM IDM; got "
+                    f"lora={lora}, {type(fwm.model).__name__}, {type(idm.model).__name__}"
+                )
+            idm.model = TokenIDM.sharing(fwm.model, idm.model.max_new_tokens)
+        # What each backend itself leaves trainable (not its VQ, say), before LoRA freezes the bases.
+        self._trainable: dict[str, list[nn.Parameter]] = {
+            name: [p for p in m.model.parameters() if p.requires_grad] for name, m in (("fwm", fwm), ("idm", idm))
+        }
+        if lora is not None:
+            add_lora(fwm.model, lora, "fwm")
+            add_lora(idm.model, lora, "idm", share_with=fwm.model if shared_base else None)
         self.fwm = fwm
         self.idm = idm
         self.fwm_ref: nn.Module | None = None
@@ -107,7 +138,6 @@ class SwirlModule(LightningModule):
         self.iteration: int = 0
         self.step_in_phase: int = 0
         self.stage_steps: int = 0
-        self._trainable: dict[str, set[str]] = {}
         self._base_lrs: list[list[float]] = []
 
     # ---------------------------------------------------------------- stage control (driven by SwirlSchedule)
@@ -120,25 +150,37 @@ class SwirlModule(LightningModule):
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
         self.stage_steps = num_steps
-        if not self._trainable:  # remember what each backend itself leaves trainable (e.g. not its VQ)
-            self._trainable = {
-                name: {n for n, p in m.model.named_parameters() if p.requires_grad}
-                for name, m in (("fwm", self.fwm), ("idm", self.idm))
-            }
         self.stage, self.iteration = stage, iteration
         trains = TRAINS[stage]
+        on = {id(p) for p in self.stage_parameters(stage)}
         for name in ("fwm", "idm"):
             module = getattr(self, name)
-            on = name in trains
-            module.train(on)
-            for n, p in module.model.named_parameters():
-                p.requires_grad_(on and n in self._trainable[name])
+            module.train(name in trains)
+            for p in module.model.parameters():
+                p.requires_grad_(id(p) in on)
         if refresh_reference and stage != "sft":
             self.refresh_reference(trains[0])
 
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        """What trains in ``stage``: with LoRA, the base in SFT and the policy's own adapter in its phase."""
+        lora = self.hparams.lora is not None
+        adapters = {id(p) for name in ("fwm", "idm") if lora for p in adapter_parameters(getattr(self, name).model)}
+        params: dict[int, nn.Parameter] = {}  # by identity: a shared base appears under both models
+        for name in TRAINS[stage]:
+            if lora and stage != "sft":
+                chosen = adapter_parameters(getattr(self, name).model)
+            else:
+                chosen = [p for p in self._trainable[name] if id(p) not in adapters]
+            params.update((id(p), p) for p in chosen)
+        return list(params.values())
+
     def refresh_reference(self, which: Literal["fwm", "idm"]) -> None:
-        """Snapshot the current policy as the frozen KL reference (a copy: full fine-tuning)."""
+        """Set the frozen KL reference: the policy with its adapter disabled (LoRA), else a copy of it now."""
         policy = getattr(self, which).model
+        if self.hparams.lora is not None:
+            # Not an nn.Module: no weights of its own, nothing in the checkpoint.
+            self.__dict__[f"{which}_ref"] = LoraReference(policy)
+            return
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
         setattr(self, f"{which}_ref", ref)
 
@@ -154,7 +196,14 @@ class SwirlModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        optimizers = [self.fwm.make_optimizer(), self.idm.make_optimizer()]
+        idm_adapter = {id(p) for p in adapter_parameters(self.idm.model)} if self.hparams.lora is not None else set()
+        fwm_params = {id(p) for p in self.fwm.model.parameters()}
+        # A shared base is the FWM optimiser's alone (the IDM's would step the same weights a second time); the IDM's
+        # adapter on it is the IDM optimiser's alone.
+        optimizers = [
+            self.fwm.make_optimizer(exclude=idm_adapter),
+            self.idm.make_optimizer(exclude=fwm_params - idm_adapter),
+        ]
         # The configured rates; a resumed optimiser state carries the last scheduled rate instead.
         self._base_lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]
         return optimizers
