@@ -98,3 +98,12 @@ def test_grpo_loss_with_no_valid_token_is_zero_with_grad():
     assert out.loss.item() == 0.0
     out.loss.backward()
     assert logp.grad is not None and logp.grad.eq(0).all()
+
+
+def test_unscaled_advantages_keep_the_reward_scale():
+    rewards = torch.tensor([-0.01, -0.03, -2.0, -4.0])  # group 1: all right, judge noise; group 2: real spread
+    scaled = group_advantages(rewards, 2).advantages
+    plain = group_advantages(rewards, 2, scale=False).advantages
+    torch.testing.assert_close(plain, torch.tensor([0.01, -0.01, 1.0, -1.0]))
+    # With scaling, the noise group gets the same ±0.707 as the informative one.
+    torch.testing.assert_close(scaled[:2].abs(), scaled[2:].abs(), atol=1e-2, rtol=0)

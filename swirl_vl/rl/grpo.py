@@ -25,9 +25,13 @@ class GroupAdvantages:
 
 
 def group_advantages(
-    rewards: Tensor, group_size: int, std_floor: float = 1e-4, zero_std_tol: float = 1e-6
+    rewards: Tensor, group_size: int, std_floor: float = 1e-4, zero_std_tol: float = 1e-6, scale: bool = True
 ) -> GroupAdvantages:
     """``A_k = (r_k - mean_g) / (std_g + std_floor)`` per group of ``group_size`` consecutive rows.
+
+    ``scale=False`` leaves out the division (``A_k = r_k - mean_g``, as Dr. GRPO, Liu et al. 2025): a group whose
+    members are all right (or all wrong) but whose rewards still differ a little then gets advantages as small as
+    those differences, instead of ±1 of pure noise.
 
     Computed in float32. Groups with a non-finite reward, or with ``std_g <= zero_std_tol``, carry no
     usable signal: they get advantage 0 and ``valid = False`` so the caller also drops their KL term
@@ -41,7 +45,9 @@ def group_advantages(
     std = r.std(dim=1, unbiased=group_size > 1) if group_size > 1 else torch.zeros(r.shape[0], device=r.device)
     nonzero = std > zero_std_tol
     valid = finite & nonzero
-    adv = (r - r.mean(dim=1, keepdim=True)) / (std[:, None] + std_floor)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (std[:, None] + std_floor)
     adv = torch.where(valid[:, None], adv, torch.zeros_like(adv))
     num_finite = int(finite.sum())
     frac_zero_std = float((finite & ~nonzero).sum()) / max(num_finite, 1)

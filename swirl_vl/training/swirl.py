@@ -67,6 +67,7 @@ class SwirlModule(LightningModule):
         phase1: Literal["grpo", "bootstrap"] = "grpo",
         lora: LoraSpec | None = None,
         shared_base: bool = False,
+        scale_advantages: bool = True,
     ) -> None:
         """
         Args:
@@ -104,6 +105,9 @@ class SwirlModule(LightningModule):
             shared_base: one language model for both (the paper's one base, two LoRA adapters): the IDM must be a
                 ``TokenIDM`` and the FWM a ``TokenFWM``; the IDM runs on the FWM's model, tokenizer and VQ. Needs
                 ``lora``; SFT trains the shared base on both losses.
+            scale_advantages: divide group-relative advantages by the group's reward std (GRPO). False: plain
+                ``r - mean`` (Dr. GRPO), so groups whose members are all right, with rewards that differ only by the
+                judge's noise, no longer get full-size advantages (``benchmarks/reward_signal.py`` shows how many).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["fwm", "idm"])
@@ -341,7 +345,7 @@ class SwirlModule(LightningModule):
     ) -> None:
         """One GRPO step of ``policy`` on ``rollout`` scored by ``rewards (N,)``; logs the phase's scalars."""
         assert rewards.shape == (rollout.num_samples,), (rewards.shape, rollout.num_samples)
-        adv = group_advantages(rewards, rollout.group_size)
+        adv = group_advantages(rewards, rollout.group_size, scale=self.hparams.scale_advantages)
         logp, mask = policy.rollout_logprobs(rollout)
         assert logp.shape == rollout.old_logprobs.shape, (logp.shape, rollout.old_logprobs.shape)
         ref_logp = None
