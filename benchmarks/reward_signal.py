@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from runs import write_json
 
 from datamodules import sprites
 from datamodules.trajectory import SpriteDataModule
@@ -55,6 +56,7 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reward_signal.json")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     fwm, idm = TokenFWM(a.fwm).eval(), VLMIDM(a.idm).eval()
@@ -90,8 +92,13 @@ def main() -> None:
             p2_auc.append(group_auc(rewards[group].tolist(), right[group]))
             p2_any.append(any(right[group]))
             p2_greedy.append(sprites.apply(xs[b], z[b]) == ys[b])
-    summarise("phase1 (FWM samples, IDM reward)", p1_auc, p1_any, p1_greedy)
-    summarise("phase2 (IDM samples, FWM reward)", p2_auc, p2_any, p2_greedy)
+    payload = {
+        "args": {k: str(v) for k, v in vars(a).items()},
+        "phase1": summarise("phase1 (FWM samples, IDM reward)", p1_auc, p1_any, p1_greedy),
+        "phase2": summarise("phase2 (IDM samples, FWM reward)", p2_auc, p2_any, p2_greedy),
+    }
+    write_json(a.out, payload)
+    print(f"written {a.out}")
 
 
 if __name__ == "__main__":
