@@ -19,17 +19,20 @@ from runs import REPO, Arm, print_table, run_seed, summarise, write_json
 
 
 def arms(iterations: int, p1: int, p2: int) -> list[Arm]:
-    swirl = ["--schedule.sft_steps", "0", "--schedule.phase1_steps", str(p1), "--schedule.phase2_steps", str(p2)]
+    def schedule(iters: int, phase1_steps: int, phase2_steps: int) -> list[str]:
+        return ["--schedule.sft_steps", "0", "--schedule.iterations", str(iters)] + [
+            "--schedule.phase1_steps",
+            str(phase1_steps),
+            "--schedule.phase2_steps",
+            str(phase2_steps),
+        ]
+
+    bootstrap = ["--model.init_args.phase1", "bootstrap", "--model.init_args.fwm_rl_lr", "null"]
     return [
         Arm("sft_only", ["--schedule.sft_steps", str(iterations * (p1 + p2)), "--schedule.iterations", "0"]),
-        Arm(
-            "bootstrap",
-            [*swirl, "--schedule.iterations", str(iterations), "--model.init_args.phase1", "bootstrap"]
-            + ["--model.init_args.fwm_rl_lr", "null", "--schedule.phase2_steps", "0"]
-            + ["--schedule.phase1_steps", str(p1 + p2)],
-        ),
-        Arm("swirl_phase1", [*swirl, "--schedule.iterations", "1", "--schedule.phase1_steps", str(iterations * p1)]),
-        Arm("swirl", [*swirl, "--schedule.iterations", str(iterations)]),
+        Arm("bootstrap", [*schedule(iterations, p1 + p2, 0), *bootstrap]),
+        Arm("swirl_phase1", schedule(1, iterations * p1, 0)),
+        Arm("swirl", schedule(iterations, p1, p2)),
     ]
 
 
