@@ -275,3 +275,16 @@ def test_lora_phases_train_adapters_on_a_frozen_sft_base(tmp_path, sprite_root, 
     assert base.keys() >= sft.keys() and all(torch.equal(base[k], sft[k]) for k in sft)
     proc = _run(["test", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
     assert proc.returncode == 0, proc.stderr[-5000:]
+
+
+def test_sft_fwm_steps_stops_the_fwm_while_the_idm_trains_on(tmp_path, sprite_root):
+    from safetensors.torch import load_file
+
+    args = _tiny_args(tmp_path, sprite_root, "--schedule.sft_steps", "2", "--schedule.iterations", "0")
+    proc = _run(["fit", *args, "--model.init_args.sft_fwm_steps", "0", "--schedule.eval_at_boundaries", "false"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    sft = _version_dir(tmp_path) / "pretrained" / "sft"
+    for name, trained in (("fwm", False), ("idm", True)):
+        before = load_file(tmp_path / "models" / name / "model.safetensors")
+        after = load_file(sft / name / "model.safetensors")
+        assert any(not torch.equal(before[k], after[k]) for k in before) == trained, name

@@ -68,6 +68,7 @@ class SwirlModule(LightningModule):
         lora: LoraSpec | None = None,
         shared_base: bool = False,
         scale_advantages: bool = True,
+        sft_fwm_steps: int | None = None,
     ) -> None:
         """
         Args:
@@ -108,6 +109,9 @@ class SwirlModule(LightningModule):
             scale_advantages: divide group-relative advantages by the group's reward std (GRPO). False: plain
                 ``r - mean`` (Dr. GRPO), so groups whose members are all right, with rewards that differ only by the
                 judge's noise, no longer get full-size advantages (``benchmarks/reward_signal.py`` shows how many).
+            sft_fwm_steps: the FWM trains on the first N SFT steps only (its learning-rate schedule spans those), the
+                IDM on all ``--schedule.sft_steps``: Phase I's judge needs more passes over the labelled set than the
+                world model it judges. None: both train on every SFT step.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["fwm", "idm"])
@@ -115,6 +119,10 @@ class SwirlModule(LightningModule):
             if g < 2:
                 raise ValueError(f"--model.{name} must be ≥ 2 for group-relative advantages; got {g}")
         self.automatic_optimization = False
+        if sft_fwm_steps is not None and (sft_fwm_steps < 0 or shared_base):
+            raise ValueError(
+                f"--model.sft_fwm_steps must be ≥ 0 and cannot be used with shared_base; got {sft_fwm_steps}"
+            )
         if lora is not None and reference == "iteration":
             raise ValueError(
                 "--model.reference iteration needs full fine-tuning: with --model.lora the reference is "
@@ -216,9 +224,14 @@ class SwirlModule(LightningModule):
         """The learning rate of ``which`` at the current step of the current stage, given its configured rate."""
         if self.stage == "sft":
             h = self.hparams
-            return base * lr_factor(self.step_in_phase, self.stage_steps, h.sft_warmup_steps, h.sft_lr_schedule)
+            total = self.stage_steps if which == "idm" else self._sft_fwm_total()
+            return base * lr_factor(self.step_in_phase, total, h.sft_warmup_steps, h.sft_lr_schedule)
         rl_lr = self.hparams[f"{which}_rl_lr"]
         return base if rl_lr is None else rl_lr
+
+    def _sft_fwm_total(self) -> int:
+        limit = self.hparams.sft_fwm_steps
+        return self.stage_steps if limit is None else min(limit, self.stage_steps)
 
     def _apply_lrs(self, optimizers: list[Any]) -> None:
         for which, opt, bases in zip(("fwm", "idm"), optimizers, self._base_lrs):
@@ -256,19 +269,21 @@ class SwirlModule(LightningModule):
         opt.step()
 
     def sft_step(self, pairs: dict, fwm_opt: Any, idm_opt: Any) -> None:
-        """Supervised warm start of both models on one labelled batch (one backward, two optimiser steps)."""
-        fwm_loss, idm_loss = self.fwm.sft_loss(pairs), self.idm.sft_loss(pairs)
-        fwm_opt.zero_grad()
-        idm_opt.zero_grad()
-        self.manual_backward(fwm_loss + idm_loss)
-        if self.hparams.grad_clip:
-            for opt in (fwm_opt, idm_opt):
-                self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-        fwm_opt.step()
-        idm_opt.step()
+        """Supervised warm start on one labelled batch: one backward, an optimiser step per model that trains."""
         b = len(pairs["action"])
-        self.log("fwm/sft_loss", fwm_loss, prog_bar=True, batch_size=b)
-        self.log("idm/sft_loss", idm_loss, prog_bar=True, batch_size=b)
+        losses = {"idm": self.idm.sft_loss(pairs)}
+        if self.step_in_phase < self._sft_fwm_total():
+            losses["fwm"] = self.fwm.sft_loss(pairs)
+        opts = [idm_opt, fwm_opt][: len(losses)]
+        for opt in opts:
+            opt.zero_grad()
+        self.manual_backward(sum(losses.values()))
+        for opt in opts:
+            if self.hparams.grad_clip:
+                self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            opt.step()
+        for which, loss in losses.items():
+            self.log(f"{which}/sft_loss", loss, prog_bar=True, batch_size=b)
 
     @torch.no_grad()
     def label_pairs(self, x: Tensor, y: Tensor) -> tuple[list[str], Tensor]:
