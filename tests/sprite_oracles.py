@@ -119,3 +119,15 @@ def sprite_batch(n: int, seed: int = 0) -> dict:
         "action": [t.actions[0] for t in trajs],
         "task": [t.task_at(0) for t in trajs],
     }
+
+
+def sprite_pairs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``n`` labelled one-step transitions rendered directly: x, y ``(n, 3, 32, 32)`` and the actions."""
+    rng = random.Random(seed)
+    xs, ys, zs = [], [], []
+    for _ in range(n):
+        states, actions = sprites.random_trajectory(rng, 2)
+        xs.append(render_tensor(states[0]))
+        ys.append(render_tensor(states[1]))
+        zs.append(actions[0])
+    return torch.stack(xs), torch.stack(ys), zs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,13 +10,11 @@ import torch
 from jsonargparse import ArgumentParser
 from torch import nn
 
-from datamodules import sprites
 from swirl_vl.models.base import Rollout
 from swirl_vl.models.diffusion_fwm import DiffusionFWM
 from swirl_vl.models.idm import VLMIDM
 from swirl_vl.models.token_fwm import TokenFWM
 from swirl_vl.models.token_idm import TokenIDM
-from swirl_vl.models.vq import render_tensor
 from swirl_vl.training.lora import (
     LoraReference,
     LoraSpec,
@@ -27,6 +24,7 @@ from swirl_vl.training.lora import (
     set_trainable,
     use_adapter,
 )
+from tests.sprite_oracles import sprite_pairs
 
 SPEC = LoraSpec(r=4, alpha=8)
 
@@ -37,18 +35,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _pairs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """``n`` sprite transitions: x, y ``(n, 3, 32, 32)`` and the actions."""
-    rng = random.Random(seed)
-    xs, ys, zs = [], [], []
-    for _ in range(n):
-        states, actions = sprites.random_trajectory(rng, 2)
-        xs.append(render_tensor(states[0]))
-        ys.append(render_tensor(states[1]))
-        zs.append(actions[0])
-    return torch.stack(xs), torch.stack(ys), zs
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +58,7 @@ def _load(kind: str, folders: dict[str, Path]) -> nn.Module:
 
 
 def _rollout(backend: nn.Module) -> Rollout:
-    x, y, z = _pairs(2)
+    x, y, z = sprite_pairs(2)
     torch.manual_seed(1)
     if isinstance(backend, TokenFWM):
         return backend.sample(x, z, num_samples=2)
@@ -163,7 +149,7 @@ def test_state_dict_round_trip_for_resume(folders: dict[str, Path]) -> None:
 def test_two_adapters_on_one_shared_base(folders: dict[str, Path]) -> None:
     fwm = _load("token_fwm", folders)
     idm = TokenIDM.sharing(fwm).eval()
-    x, y, z = _pairs(2)
+    x, y, z = sprite_pairs(2)
     fwm_rollout, idm_rollout = _rollout(fwm), _rollout(idm)
     with torch.no_grad():
         fwm_sft, idm_sft = fwm.rollout_logprobs(fwm_rollout)[0], idm.rollout_logprobs(idm_rollout)[0]

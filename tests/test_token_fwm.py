@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import lightning as L
@@ -11,27 +10,14 @@ import torch
 from diffusers import VQModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from datamodules import sprites
 from swirl_vl.models.token_fwm import TokenFWM, image_token
 from swirl_vl.models.vq import (
     SHIPPED_SPRITE_VQ,
     SpriteImageDataModule,
     VQTokenizerModule,
-    render_tensor,
     sprite_roundtrip_accuracy,
 )
-
-
-def _pairs(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """``n`` labelled sprite transitions: x ``(n, 3, 32, 32)``, actions, y ``(n, 3, 32, 32)``."""
-    rng = random.Random(seed)
-    xs, zs, ys = [], [], []
-    for _ in range(n):
-        states, actions = sprites.random_trajectory(rng, 2)
-        xs.append(render_tensor(states[0]))
-        zs.append(actions[0])
-        ys.append(render_tensor(states[1]))
-    return torch.stack(xs), zs, torch.stack(ys)
+from tests.sprite_oracles import sprite_pairs
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +51,7 @@ def test_missing_checkpoint_names_the_fix(tmp_path: Path) -> None:
 
 
 def test_sample_shapes_group_order_and_ratio_one(fwm: TokenFWM) -> None:
-    x, z, _ = _pairs(2)
+    x, _, z = sprite_pairs(2)
     G = 3
     rollout = fwm.sample(x, z, num_samples=G)
     N, L = 2 * G, 16
@@ -84,7 +70,7 @@ def test_sample_shapes_group_order_and_ratio_one(fwm: TokenFWM) -> None:
 
 
 def test_greedy_is_deterministic(fwm: TokenFWM) -> None:
-    x, z, _ = _pairs(2)
+    x, _, z = sprite_pairs(2)
     a, b = fwm.sample(x, z, greedy=True), fwm.sample(x, z, greedy=True)
     assert torch.equal(a.context["input_ids"], b.context["input_ids"])
     with pytest.raises(ValueError, match="num_samples=1"):
@@ -92,7 +78,7 @@ def test_greedy_is_deterministic(fwm: TokenFWM) -> None:
 
 
 def test_log_likelihood_is_minus_sft_loss_and_ignores_padding(fwm: TokenFWM) -> None:
-    x, z, y = _pairs(3)
+    x, y, z = sprite_pairs(3)
     z[1] = "add a red square at row 1 column 2 and then some much longer padding text"
     ll = fwm.log_likelihood(x, z, y)
     assert ll.shape == (3,) and torch.isfinite(ll).all() and (ll < 0).all()
@@ -104,7 +90,7 @@ def test_log_likelihood_is_minus_sft_loss_and_ignores_padding(fwm: TokenFWM) -> 
 
 
 def test_sft_steps_raise_target_likelihood(fwm: TokenFWM) -> None:
-    x, z, y = _pairs(8)
+    x, y, z = sprite_pairs(8)
     before = fwm.log_likelihood(x, z, y).mean()
     optimizer = torch.optim.Adam([p for p in fwm.parameters() if p.requires_grad], lr=3e-3)
     fwm.train()
@@ -117,7 +103,7 @@ def test_sft_steps_raise_target_likelihood(fwm: TokenFWM) -> None:
 
 
 def test_save_load_round_trip(fwm: TokenFWM, tmp_path: Path) -> None:
-    x, z, y = _pairs(2)
+    x, y, z = sprite_pairs(2)
     fwm.save_pretrained(tmp_path / "saved")
     loaded = TokenFWM.from_pretrained(tmp_path / "saved").eval()
     torch.testing.assert_close(loaded.log_likelihood(x, z, y), fwm.log_likelihood(x, z, y), atol=0, rtol=0)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from datamodules import sprites
 from swirl_vl.models.token_fwm import TokenFWM
 from swirl_vl.models.token_idm import TokenIDM
-from swirl_vl.models.vq import render_tensor
+from tests.sprite_oracles import sprite_pairs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -20,18 +18,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _pairs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """``n`` labelled sprite transitions: x ``(n, 3, 32, 32)``, y ``(n, 3, 32, 32)``, actions."""
-    rng = random.Random(seed)
-    xs, ys, zs = [], [], []
-    for _ in range(n):
-        states, actions = sprites.random_trajectory(rng, 2)
-        xs.append(render_tensor(states[0]))
-        ys.append(render_tensor(states[1]))
-        zs.append(actions[0])
-    return torch.stack(xs), torch.stack(ys), zs
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +44,7 @@ def _sft(idm: TokenIDM, x: torch.Tensor, y: torch.Tensor, z: list[str], steps: i
 
 
 def test_prompt_layout(idm: TokenIDM) -> None:
-    x, y, _ = _pairs(2)
+    x, y, _ = sprite_pairs(2)
     ids, mask = idm.prompt_ids(x, y)
     L = idm.num_image_tokens
     bos = idm.tokenizer.bos_token_id
@@ -71,7 +57,7 @@ def test_prompt_layout(idm: TokenIDM) -> None:
 
 
 def test_sample_shapes_group_order_and_ratio_one(idm: TokenIDM) -> None:
-    x, y, _ = _pairs(2)
+    x, y, _ = sprite_pairs(2)
     G = 3
     rollout = idm.sample(x, y, num_samples=G, max_new_tokens=12)
     N = 2 * G
@@ -93,13 +79,13 @@ def test_sample_shapes_group_order_and_ratio_one(idm: TokenIDM) -> None:
 
 
 def test_greedy_needs_one_sample(idm: TokenIDM) -> None:
-    x, y, _ = _pairs(1)
+    x, y, _ = sprite_pairs(1)
     with pytest.raises(ValueError, match="num_samples"):
         idm.sample(x, y, num_samples=2, greedy=True)
 
 
 def test_sft_raises_likelihood_and_greedy_stops_at_eos(idm: TokenIDM) -> None:
-    x, y, z = _pairs(4)
+    x, y, z = sprite_pairs(4)
     before = idm.log_likelihood(x, y, z)
     _sft(idm, x, y, z, steps=40)
     after = idm.log_likelihood(x, y, z)
@@ -115,7 +101,7 @@ def test_sft_raises_likelihood_and_greedy_stops_at_eos(idm: TokenIDM) -> None:
 
 
 def test_save_load_round_trip_in_the_token_fwm_format(idm: TokenIDM, tmp_path: Path) -> None:
-    x, y, z = _pairs(3)
+    x, y, z = sprite_pairs(3)
     _sft(idm, x, y, z, steps=2)  # differ from the folder it was loaded from
     idm.save_pretrained(tmp_path / "saved")
     loaded = TokenIDM.from_pretrained(tmp_path / "saved").eval()
@@ -130,7 +116,7 @@ def test_sharing_uses_the_fwm_tensors(folder: Path) -> None:
     fwm_params = dict(fwm.named_parameters())
     for name, p in idm.named_parameters():
         assert p.data_ptr() == fwm_params[name].data_ptr(), name
-    x, y, z = _pairs(2)
+    x, y, z = sprite_pairs(2)
     fwm_before = fwm.log_likelihood(x, z, y)
     _sft(idm, x, y, z, steps=1)
     assert not torch.allclose(fwm.log_likelihood(x, z, y), fwm_before), "an IDM step must move the shared FWM"
