@@ -5,6 +5,8 @@ Per seed, SFT once; then from the same SFT folders, data and seed, arms with the
   bootstrap       Phase I replaced by SFT of the FWM on the IDM's filtered pseudo-labels (real next states)
   swirl_phase1    SWIRL IDM→FWM: Phase I only (``iterations × phase1_steps`` FWM updates, the IDM stays SFT)
   swirl           SWIRL iterative: ``iterations`` rounds of Phase I then Phase II
+  swirl_shared_lora  SWIRL iterative with one shared base model (a token LM serving as FWM and IDM) and two LoRA
+                  adapters (``configs/sprites_shared_lora.yaml``): its own SFT of the shared base, then the iterations
 Prints a Markdown table of test metrics (mean ± std over seeds) and writes JSON with every seed's tables.
 
     python benchmarks/ablations.py --seeds 0 1 2 --jobs 2
@@ -15,12 +17,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from runs import REPO, Arm, print_table, run_seed, summarise, write_json
+from runs import METRICS, REPO, Arm, print_table, run_seed, summarise, write_json
 
 
-def arms(iterations: int, p1: int, p2: int) -> list[Arm]:
-    def schedule(iters: int, phase1_steps: int, phase2_steps: int) -> list[str]:
-        return ["--schedule.sft_steps", "0", "--schedule.iterations", str(iters)] + [
+def arms(iterations: int, p1: int, p2: int, sft_steps: int) -> list[Arm]:
+    def schedule(iters: int, phase1_steps: int, phase2_steps: int, sft: int = 0) -> list[str]:
+        return ["--schedule.sft_steps", str(sft), "--schedule.iterations", str(iters)] + [
             "--schedule.phase1_steps",
             str(phase1_steps),
             "--schedule.phase2_steps",
@@ -33,6 +35,11 @@ def arms(iterations: int, p1: int, p2: int) -> list[Arm]:
         Arm("bootstrap", [*schedule(iterations, p1 + p2, 0), *bootstrap]),
         Arm("swirl_phase1", schedule(1, iterations * p1, 0)),
         Arm("swirl", schedule(iterations, p1, p2)),
+        Arm(
+            "swirl_shared_lora",
+            schedule(iterations, p1, p2, sft=sft_steps),
+            config="configs/sprites_shared_lora.yaml",
+        ),
     ]
 
 
@@ -54,9 +61,10 @@ def parser(doc: str, out: str) -> argparse.ArgumentParser:
 def main(select: list[str] | None = None, doc: str = __doc__, out: str = "ablations.json") -> dict:
     a = parser(doc, out).parse_args()
     extra = [x for x in a.extra if x != "--"]
-    chosen = [arm for arm in arms(a.iterations, a.phase1_steps, a.phase2_steps) if select is None or arm.name in select]
-    names = ["sft", *(arm.name for arm in chosen)]
     sft_steps = a.sft_steps if a.sft_steps is not None else _config_sft_steps(a.config)
+    every = arms(a.iterations, a.phase1_steps, a.phase2_steps, sft_steps)
+    chosen = [arm for arm in every if select is None or arm.name in select]
+    names = ["sft", *(n for arm in chosen for n in ([f"{arm.name}@sft"] if arm.config else []) + [arm.name])]
     results = []
     for seed in a.seeds:
         print(f"seed {seed}", flush=True)
@@ -66,21 +74,20 @@ def main(select: list[str] | None = None, doc: str = __doc__, out: str = "ablati
             print(f"  {metric}: " + "  ".join(f"{n} {r[n][metric]:.3f}" for n in names), flush=True)
     summary = summarise(results, names)
     print_table(summary, names)
-    base = summary["sft_only"]["fwm_state_acc"][0] if "sft_only" in summary else float("nan")
-    gains = {
-        n: {m: (summary[n][m][0] - summary["sft_only"][m][0]) / summary["sft_only"][m][0] for m in summary[n]}
-        for n in names
-        if "sft_only" in summary and base
-    }
+    gains = {n: {m: _relative(summary[n][m][0], summary["sft_only"][m][0]) for m in METRICS} for n in names}
     for n, g in gains.items():
         print(
-            f"{n:13s} relative to sft_only: fwm_state_acc {g['fwm_state_acc']:+.1%}, "
+            f"{n:17s} relative to sft_only: fwm_state_acc {g['fwm_state_acc']:+.1%}, "
             f"idm_action_acc {g['idm_action_acc']:+.1%}"
         )
     payload = {"args": {k: str(v) for k, v in vars(a).items()}, "seeds": results, "summary": summary, "gains": gains}
     write_json(a.out, payload)
     print(f"written {a.out}")
     return payload
+
+
+def _relative(value: float, base: float) -> float:
+    return (value - base) / base if base else float("nan")
 
 
 def _config_sft_steps(config: str) -> int:

@@ -27,6 +27,8 @@ class Arm:
 
     name: str
     overrides: list[str] = field(default_factory=list)
+    config: str | None = None
+    """A config of its own, trained from scratch (its own SFT, then its schedule), not from the shared SFT folders."""
 
 
 def fit(config: str, work: Path, arm: Arm, seed: int, fwm: str, idm: str, tiny: bool, extra: list[str], threads: int):
@@ -86,12 +88,21 @@ def run_seed(config: str, seed: int, work: Path, sft_steps: int, arms: list[Arm]
     sft, sft_seconds = fit(config, work, sft_arm, seed, str(models / "fwm"), str(models / "idm"), True, extra, threads)
     fwm, idm = str(sft / "pretrained" / "sft" / "fwm"), str(sft / "pretrained" / "sft" / "idm")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {arm.name: pool.submit(fit, config, work, arm, seed, fwm, idm, False, extra, threads) for arm in arms}
+        futures = {}
+        for arm in arms:
+            if arm.config is None:
+                futures[arm.name] = pool.submit(fit, config, work, arm, seed, fwm, idm, False, extra, threads)
+            else:
+                own = work / "models" / arm.name
+                args = (arm.config, work, arm, seed, str(own / "fwm"), str(own / "idm"), True, extra, threads)
+                futures[arm.name] = pool.submit(fit, *args)
         runs = {name: future.result() for name, future in futures.items()}
     result = {"seed": seed, "sft": _final(sft), "seconds": {"sft": sft_seconds}, "tables": {}, "phases": {}}
     result["phases"]["sft"] = _read(sft / "swirl_phases.json")
     for name, (run, seconds) in runs.items():
         result[name] = _final(run)
+        if any(arm.name == name and arm.config for arm in arms):  # its own SFT: its first row is its baseline
+            result[f"{name}@sft"] = _final(run, row=0)
         result["seconds"][name] = seconds
         result["tables"][name] = _read(run / "swirl_metrics.json")
         result["phases"][name] = _read(run / "swirl_phases.json")
@@ -102,9 +113,9 @@ def _read(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def _final(run: Path) -> dict:
+def _final(run: Path, row: int = -1) -> dict:
     rows = _read(run / "swirl_metrics.json")
-    return {m: rows[-1].get(m) for m in METRICS} if rows else {}
+    return {m: rows[row].get(m) for m in METRICS} if rows else {}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
