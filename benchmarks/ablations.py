@@ -53,6 +53,7 @@ def parser(doc: str, out: str) -> argparse.ArgumentParser:
     p.add_argument("--phase1-steps", type=int, default=100)
     p.add_argument("--phase2-steps", type=int, default=50)
     p.add_argument("--jobs", type=int, default=2, help="arms run side by side, one thread each")
+    p.add_argument("--arms", nargs="+", default=None, help="run only these arms (default: all)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / out)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="further CLI overrides for every run, after --")
     return p
@@ -63,6 +64,7 @@ def main(select: list[str] | None = None, doc: str = __doc__, out: str = "ablati
     extra = [x for x in a.extra if x != "--"]
     sft_steps = a.sft_steps if a.sft_steps is not None else _config_sft_steps(a.config)
     every = arms(a.iterations, a.phase1_steps, a.phase2_steps, sft_steps)
+    select = select or a.arms
     chosen = [arm for arm in every if select is None or arm.name in select]
     names = ["sft", *(n for arm in chosen for n in ([f"{arm.name}@sft"] if arm.config else []) + [arm.name])]
     results = []
