@@ -82,10 +82,12 @@ def fit(config: str, work: Path, arm: Arm, seed: int, fwm: str, idm: str, tiny: 
 
 def run_seed(config: str, seed: int, work: Path, sft_steps: int, arms: list[Arm], extra: list[str], jobs: int) -> dict:
     """SFT once, then every arm from the SFT folders; returns per-arm final metrics, tables and phase stats."""
-    threads = 1 if jobs > 1 else (os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    threads = 1 if jobs > 1 else cores
     sft_arm = Arm("sft", ["--schedule.sft_steps", str(sft_steps), "--schedule.iterations", "0"])
     models = work / "models"
-    sft, sft_seconds = fit(config, work, sft_arm, seed, str(models / "fwm"), str(models / "idm"), True, extra, threads)
+    # SFT runs alone: all cores.
+    sft, sft_seconds = fit(config, work, sft_arm, seed, str(models / "fwm"), str(models / "idm"), True, extra, cores)
     fwm, idm = str(sft / "pretrained" / "sft" / "fwm"), str(sft / "pretrained" / "sft" / "idm")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {}
