@@ -116,22 +116,27 @@ def test_fit_sft_then_swirl_writes_events_images_checkpoint_and_table(tmp_path, 
         "--schedule.phase1_steps",
         "2",
         "--schedule.phase2_steps",
-        "2",
+        "3",
         "--trainer.log_every_n_steps",
         "1",
         "--model.init_args.sft_warmup_steps",
         "2",
         "--model.init_args.fwm_rl_lr",
         "3e-5",
+        "--model.init_args.idm_rl_lr",
+        "2e-5",
     )
     proc = _run(["fit", *args])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run = _version_dir(tmp_path)
     # SFT: warm-up to the configured 1e-3, cosine down to 5% at the last SFT step; Phase I at fwm_rl_lr;
-    # Phase II: the IDM at its configured rate (idm_rl_lr unset).
+    # Phase II: the IDM at idm_rl_lr.
     assert _scalar_values(run, "lr/fwm")[:6] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-5, 3e-5, 3e-5])
-    assert _scalar_values(run, "lr/idm")[-2:] == pytest.approx([1e-3, 1e-3])
-    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert _scalar_values(run, "lr/idm")[-2:] == pytest.approx([2e-5, 2e-5])
+    # Fit ends at global step 13 (4 SFT steps × 2 optimisers + 2 + 3), between ModelCheckpoint's every-2-step saves;
+    # last.ckpt still holds the end.
+    final = _checkpoint_state(run / "checkpoints" / "last.ckpt")
+    assert (final["stage"], final["global_step"]) == ("done", 13)
     tags = _tensorboard_tags(run)
     assert any(t.startswith("val/fwm") for t in tags["images"]), tags["images"]
     assert any(t.startswith("phase1/rollouts") for t in tags["images"]), tags["images"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
@@ -179,7 +180,11 @@ class SwirlSchedule(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not isinstance(pl_module, SwirlModule) or not self.history:
+        if not isinstance(pl_module, SwirlModule):
+            return
+        if self.stage == DONE:
+            self._save_last_checkpoints(trainer)
+        if not self.history:
             return
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if trainer.global_rank != 0:
@@ -196,6 +201,15 @@ class SwirlSchedule(Callback):
             tmp.write_text(json.dumps(self.phase_stats, indent=2))
             tmp.replace(stats)
             print(f"[swirl] metrics table written to {out}; step times and peak memory per phase to {stats}")
+
+    @staticmethod
+    def _save_last_checkpoints(trainer: Trainer) -> None:
+        """Write each ``ModelCheckpoint``'s ``last.ckpt`` now: fit stops mid-epoch when the schedule ends, between
+        the callback's own saves, which would leave ``last.ckpt`` up to ``every_n_train_steps`` behind the end."""
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath is not None:
+                last = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+                trainer.save_checkpoint(last)  # a collective under DDP: every rank calls, rank 0 writes
 
     @override
     def state_dict(self) -> dict[str, Any]:
