@@ -268,7 +268,9 @@ def test_lora_phases_train_adapters_on_a_frozen_sft_base(tmp_path, sprite_root, 
     # The merged FWM after Phase I differs from the SFT one, which the frozen base still equals.
     from safetensors.torch import load_file
 
+    initial = load_file(tmp_path / "models" / "fwm" / "model.safetensors")
     sft = load_file(run / "pretrained" / "sft" / "fwm" / "model.safetensors")
+    assert any(not torch.equal(initial[k], sft[k]) for k in sft), "SFT must train the base, adapters frozen"
     phase1 = load_file(run / "pretrained" / "iteration_1_phase1" / "fwm" / "model.safetensors")
     assert sft.keys() == phase1.keys()
     assert any(not torch.equal(sft[k], phase1[k]) for k in sft)

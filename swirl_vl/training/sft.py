@@ -77,9 +77,9 @@ class _WorldModelModule(LightningModule):
         """Per-example metrics ``{name: (B,)}`` too costly for every validation; ``test`` adds them."""
         raise NotImplementedError
 
-    def make_optimizer(self, exclude: set[int] = frozenset()) -> torch.optim.Optimizer:
-        """The optimiser over the model's trainable parameters, less those whose ``id`` is in ``exclude``."""
-        return self.optimizer([p for p in self.model.parameters() if p.requires_grad and id(p) not in exclude])
+    def make_optimizer(self, params: list[torch.nn.Parameter] | None = None) -> torch.optim.Optimizer:
+        """The optimiser over ``params`` (default: the model's trainable parameters)."""
+        return self.optimizer(params if params is not None else [p for p in self.model.parameters() if p.requires_grad])
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -186,6 +186,13 @@ class SwirlModule(LightningModule):
             params.update((id(p), p) for p in chosen)
         return list(params.values())
 
+    def trained_parameters(self, which: Literal["fwm", "idm"]) -> list[nn.Parameter]:
+        """What ``which`` trains in some stage: its own trainable parameters, and its LoRA adapter if any."""
+        params = list(self._trainable[which])
+        if self.hparams.lora is not None:
+            params += adapter_parameters(getattr(self, which).model)
+        return params
+
     def refresh_reference(self, which: Literal["fwm", "idm"]) -> None:
         """Set the frozen KL reference: the policy with its adapter disabled (LoRA), else a copy of it now."""
         policy = getattr(self, which).model
@@ -208,13 +215,14 @@ class SwirlModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        idm_adapter = {id(p) for p in adapter_parameters(self.idm.model)} if self.hparams.lora is not None else set()
-        fwm_params = {id(p) for p in self.fwm.model.parameters()}
-        # A shared base is the FWM optimiser's alone (the IDM's would step the same weights a second time); the IDM's
-        # adapter on it is the IDM optimiser's alone.
+        # Every parameter either model trains in any stage, whatever is frozen right now (LoRA freezes the bases
+        # until SFT, which trains them). A shared base is the FWM optimiser's alone: the IDM's would step the same
+        # weights a second time.
+        fwm = self.trained_parameters("fwm")
+        taken = {id(p) for p in fwm}
         optimizers = [
-            self.fwm.make_optimizer(exclude=idm_adapter),
-            self.idm.make_optimizer(exclude=fwm_params - idm_adapter),
+            self.fwm.make_optimizer(fwm),
+            self.idm.make_optimizer([p for p in self.trained_parameters("idm") if id(p) not in taken]),
         ]
         # The configured rates; a resumed optimiser state carries the last scheduled rate instead.
         self._base_lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]
