@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,7 @@ from swirl_vl.models.tiny_diffusion import SPRITE_WORDS, build_tiny_instruct_pix
 ACTIONS = ["move the red circle left", "add a red square at row 2 column 3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """These batches are tiny: a second OpenMP thread gains little, and when other processes share the two
-    cores its barriers stall (a batch-2 SFT step measured 16 s with two threads, 0.1 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
