@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,7 @@ from swirl_vl.training.sft import FWMModule, IDMModule
 from tests.sprite_oracles import OracleFWM, OracleIDM, sprite_trajectories
 from tests.test_cli import _run, _tensorboard_tags, _tiny_args, _version_dir, sprite_root  # noqa: F401 (fixture)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny batches: a second thread only waits on a loaded machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_metric_table_sums_and_counts_per_task_and_skips_nan():

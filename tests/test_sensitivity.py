@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,7 @@ from swirl_vl.models.tiny_diffusion import build_tiny_instruct_pix2pix
 from swirl_vl.models.token_fwm import TokenFWM
 from tests.sprite_oracles import OracleFWM, OracleIDM, sprite_batch
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny batches: a second thread only waits on a loaded machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _is_binary_or_nan(values: torch.Tensor) -> bool:
