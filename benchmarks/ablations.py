@@ -54,6 +54,7 @@ def parser(doc: str, out: str) -> argparse.ArgumentParser:
     p.add_argument("--phase2-steps", type=int, default=50)
     p.add_argument("--jobs", type=int, default=2, help="arms run side by side, one thread each")
     p.add_argument("--arms", nargs="+", default=None, help="run only these arms (default: all)")
+    p.add_argument("--reuse-sft", action="store_true", help="start from a finished SFT run under --work if any")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / out)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="further CLI overrides for every run, after --")
     return p
@@ -70,7 +71,7 @@ def main(select: list[str] | None = None, doc: str = __doc__, out: str = "ablati
     results = []
     for seed in a.seeds:
         print(f"seed {seed}", flush=True)
-        r = run_seed(a.config, seed, a.work / f"seed{seed}", sft_steps, chosen, extra, a.jobs)
+        r = run_seed(a.config, seed, a.work / f"seed{seed}", sft_steps, chosen, extra, a.jobs, a.reuse_sft)
         results.append(r)
         for metric in ("fwm_state_acc", "idm_action_acc"):
             print(f"  {metric}: " + "  ".join(f"{n} {r[n][metric]:.3f}" for n in names), flush=True)

@@ -80,14 +80,31 @@ def fit(config: str, work: Path, arm: Arm, seed: int, fwm: str, idm: str, tiny: 
     return run, seconds
 
 
-def run_seed(config: str, seed: int, work: Path, sft_steps: int, arms: list[Arm], extra: list[str], jobs: int) -> dict:
-    """SFT once, then every arm from the SFT folders; returns per-arm final metrics, tables and phase stats."""
+def run_seed(
+    config: str,
+    seed: int,
+    work: Path,
+    sft_steps: int,
+    arms: list[Arm],
+    extra: list[str],
+    jobs: int,
+    reuse_sft: bool = False,
+) -> dict:
+    """SFT once, then every arm from the SFT folders; returns per-arm final metrics, tables and phase stats.
+
+    ``reuse_sft``: start from the last finished SFT run under ``work`` when there is one (same config and
+    overrides are the caller's responsibility), instead of training SFT again.
+    """
     cores = os.cpu_count() or 1
     threads = 1 if jobs > 1 else cores
     sft_arm = Arm("sft", ["--schedule.sft_steps", str(sft_steps), "--schedule.iterations", "0"])
     models = work / "models"
-    # SFT runs alone: all cores.
-    sft, sft_seconds = fit(config, work, sft_arm, seed, str(models / "fwm"), str(models / "idm"), True, extra, cores)
+    finished = finished_run(work, "sft") if reuse_sft else None
+    if finished is not None:
+        sft, sft_seconds = finished, float("nan")
+        print(f"  sft: reusing {sft}", flush=True)
+    else:  # SFT runs alone: all cores.
+        sft, sft_seconds = fit(config, work, sft_arm, seed, str(models / "fwm"), str(models / "idm"), True, extra, cores)
     fwm, idm = str(sft / "pretrained" / "sft" / "fwm"), str(sft / "pretrained" / "sft" / "idm")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {}
@@ -109,6 +126,13 @@ def run_seed(config: str, seed: int, work: Path, sft_steps: int, arms: list[Arm]
         result["tables"][name] = _read(run / "swirl_metrics.json")
         result["phases"][name] = _read(run / "swirl_phases.json")
     return result
+
+
+def finished_run(work: Path, name: str) -> Path | None:
+    """The newest run of ``name`` under ``work`` that wrote its metrics table and SFT folders, or None."""
+    runs = sorted((work / "runs" / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    done = [r for r in runs if (r / "swirl_metrics.json").exists() and (r / "pretrained" / "sft" / "fwm").is_dir()]
+    return done[-1] if done else None
 
 
 def _read(path: Path) -> list[dict]:

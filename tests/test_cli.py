@@ -125,14 +125,16 @@ def test_fit_sft_then_swirl_writes_events_images_checkpoint_and_table(tmp_path, 
         "3e-5",
         "--model.init_args.idm_rl_lr",
         "2e-5",
+        "--model.init_args.rl_lr_schedule",
+        "cosine",
     )
     proc = _run(["fit", *args])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run = _version_dir(tmp_path)
-    # SFT: warm-up to the configured 1e-3, cosine down to 5% at the last SFT step; Phase I at fwm_rl_lr;
-    # Phase II: the IDM at idm_rl_lr.
-    assert _scalar_values(run, "lr/fwm")[:6] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-5, 3e-5, 3e-5])
-    assert _scalar_values(run, "lr/idm")[-2:] == pytest.approx([2e-5, 2e-5])
+    # SFT: warm-up to the configured 1e-3, cosine down to 5% at the last SFT step; each phase: cosine from its
+    # rate (fwm_rl_lr, idm_rl_lr) down to 5% at its last step.
+    assert _scalar_values(run, "lr/fwm")[:6] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-5, 3e-5, 1.5e-6])
+    assert _scalar_values(run, "lr/idm")[-3:] == pytest.approx([2e-5, 1.05e-5, 1e-6])
     # Fit ends at global step 13 (4 SFT steps × 2 optimisers + 2 + 3), between ModelCheckpoint's every-2-step saves;
     # last.ckpt still holds the end.
     final = _checkpoint_state(run / "checkpoints" / "last.ckpt")

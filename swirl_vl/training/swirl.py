@@ -69,6 +69,8 @@ class SwirlModule(LightningModule):
         shared_base: bool = False,
         scale_advantages: bool = True,
         sft_fwm_steps: int | None = None,
+        rl_lr_schedule: LRSchedule = "constant",
+        rl_warmup_steps: int = 0,
     ) -> None:
         """
         Args:
@@ -94,9 +96,9 @@ class SwirlModule(LightningModule):
             sft_lr_schedule: SFT learning rate over the stage: ``constant``, or ``cosine`` decay to 5% of each
                 optimiser's configured rate at the last SFT step.
             sft_warmup_steps: linear warm-up of the SFT learning rate, in steps.
-            fwm_rl_lr: constant learning rate of the FWM in Phase I (None: its optimiser's configured rate).
+            fwm_rl_lr: learning rate of the FWM in Phase I (None: its optimiser's configured rate).
                 RL updates want a far smaller step than SFT: at the SFT rate Phase I drifts off the reference.
-            idm_rl_lr: constant learning rate of the IDM in Phase II (None: its optimiser's configured rate).
+            idm_rl_lr: learning rate of the IDM in Phase II (None: its optimiser's configured rate).
             phase1: ``grpo`` (SWIRL) or ``bootstrap``: the paper's baseline that instead fine-tunes the FWM on the
                 IDM's filtered pseudo-labels of the unlabelled pairs, with the real next state as target.
             lora: train SWIRL's phases through LoRA adapters (PEFT) instead of full fine-tuning. The adapters start
@@ -112,6 +114,9 @@ class SwirlModule(LightningModule):
             sft_fwm_steps: the FWM trains on the first N SFT steps only (its learning-rate schedule spans those), the
                 IDM on all ``--schedule.sft_steps``: Phase I's judge needs more passes over the labelled set than the
                 world model it judges. None: both train on every SFT step.
+            rl_lr_schedule: learning rate over each RL phase: ``constant``, or ``cosine`` decay to 5% of the phase's
+                rate (``fwm_rl_lr`` / ``idm_rl_lr``) at its last step (the paper's code decays within GRPO).
+            rl_warmup_steps: linear warm-up at the start of each RL phase, in steps.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["fwm", "idm"])
@@ -157,7 +162,7 @@ class SwirlModule(LightningModule):
     def enter_stage(self, stage: str, iteration: int, refresh_reference: bool, num_steps: int = 0) -> None:
         """Freeze the model that does not train in ``stage`` (eval mode, no grads) and unfreeze the other.
 
-        ``num_steps``: the stage's length, which the SFT learning-rate schedule spans.
+        ``num_steps``: the stage's length, which its learning-rate schedule spans.
         """
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -234,8 +239,10 @@ class SwirlModule(LightningModule):
             h = self.hparams
             total = self.stage_steps if which == "idm" else self._sft_fwm_total()
             return base * lr_factor(self.step_in_phase, total, h.sft_warmup_steps, h.sft_lr_schedule)
-        rl_lr = self.hparams[f"{which}_rl_lr"]
-        return base if rl_lr is None else rl_lr
+        h = self.hparams
+        rl_lr = h[f"{which}_rl_lr"]
+        factor = lr_factor(self.step_in_phase, self.stage_steps, h.rl_warmup_steps, h.rl_lr_schedule)
+        return (base if rl_lr is None else rl_lr) * factor
 
     def _sft_fwm_total(self) -> int:
         limit = self.hparams.sft_fwm_steps
