@@ -48,13 +48,14 @@ def parser(doc: str, out: str) -> argparse.ArgumentParser:
     p.add_argument("--config", default="configs/sprites.yaml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--work", type=Path, default=REPO / "runs" / Path(out).stem)
-    p.add_argument("--sft-steps", type=int, default=None, help="default: the config's schedule.sft_steps")
-    p.add_argument("--iterations", type=int, default=2)
-    p.add_argument("--phase1-steps", type=int, default=100)
-    p.add_argument("--phase2-steps", type=int, default=50)
+    for key in ("sft_steps", "iterations", "phase1_steps", "phase2_steps"):
+        flag = "--" + key.replace("_", "-")
+        p.add_argument(flag, type=int, default=None, help=f"default: the config's schedule.{key}")
     p.add_argument("--jobs", type=int, default=2, help="arms run side by side, one thread each")
     p.add_argument("--arms", nargs="+", default=None, help="run only these arms (default: all)")
-    p.add_argument("--reuse-sft", action="store_true", help="start from a finished SFT run under --work if any")
+    p.add_argument(
+        "--reuse", action="store_true", help="keep the runs under --work that finished (SFT, arms); run the rest"
+    )
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / out)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="further CLI overrides for every run, after --")
     return p
@@ -63,15 +64,18 @@ def parser(doc: str, out: str) -> argparse.ArgumentParser:
 def main(select: list[str] | None = None, doc: str = __doc__, out: str = "ablations.json") -> dict:
     a = parser(doc, out).parse_args()
     extra = [x for x in a.extra if x != "--"]
-    sft_steps = a.sft_steps if a.sft_steps is not None else _config_sft_steps(a.config)
-    every = arms(a.iterations, a.phase1_steps, a.phase2_steps, sft_steps)
+    schedule = _config_schedule(a.config)
+    for key in schedule:
+        if getattr(a, key) is None:
+            setattr(a, key, schedule[key])
+    every = arms(a.iterations, a.phase1_steps, a.phase2_steps, a.sft_steps)
     select = select or a.arms
     chosen = [arm for arm in every if select is None or arm.name in select]
     names = ["sft", *(n for arm in chosen for n in ([f"{arm.name}@sft"] if arm.config else []) + [arm.name])]
     results = []
     for seed in a.seeds:
         print(f"seed {seed}", flush=True)
-        r = run_seed(a.config, seed, a.work / f"seed{seed}", sft_steps, chosen, extra, a.jobs, a.reuse_sft)
+        r = run_seed(a.config, seed, a.work / f"seed{seed}", a.sft_steps, chosen, extra, a.jobs, a.reuse)
         results.append(r)
         for metric in ("fwm_state_acc", "idm_action_acc"):
             print(f"  {metric}: " + "  ".join(f"{n} {r[n][metric]:.3f}" for n in names), flush=True)
@@ -93,10 +97,11 @@ def _relative(value: float, base: float) -> float:
     return (value - base) / base if base else float("nan")
 
 
-def _config_sft_steps(config: str) -> int:
+def _config_schedule(config: str) -> dict[str, int]:
     import yaml
 
-    return int(yaml.safe_load((REPO / config).read_text())["schedule"]["sft_steps"])
+    schedule = yaml.safe_load((REPO / config).read_text())["schedule"]
+    return {k: int(schedule[k]) for k in ("sft_steps", "iterations", "phase1_steps", "phase2_steps")}
 
 
 if __name__ == "__main__":

@@ -88,20 +88,21 @@ def run_seed(
     arms: list[Arm],
     extra: list[str],
     jobs: int,
-    reuse_sft: bool = False,
+    reuse: bool = False,
 ) -> dict:
     """SFT once, then every arm from the SFT folders; returns per-arm final metrics, tables and phase stats.
 
-    ``reuse_sft``: start from the last finished SFT run under ``work`` when there is one (same config and
-    overrides are the caller's responsibility), instead of training SFT again.
+    ``reuse``: keep the runs (SFT and arms) that already finished under ``work`` and run only the others, so a
+    benchmark stopped part-way picks up where it stopped. That they ran with the same settings is the caller's
+    responsibility; their wall time is recorded as None.
     """
     cores = os.cpu_count() or 1
     threads = 1 if jobs > 1 else cores
     sft_arm = Arm("sft", ["--schedule.sft_steps", str(sft_steps), "--schedule.iterations", "0"])
     models = work / "models"
-    finished = finished_run(work, "sft") if reuse_sft else None
+    finished = finished_run(work, "sft", pretrained=True) if reuse else None
     if finished is not None:
-        sft, sft_seconds = finished, float("nan")
+        sft, sft_seconds = finished, None
         print(f"  sft: reusing {sft}", flush=True)
     else:  # SFT runs alone: all cores.
         sft, sft_seconds = fit(config, work, sft_arm, seed, str(models / "fwm"), str(models / "idm"), True, extra, cores)
@@ -109,7 +110,11 @@ def run_seed(
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {}
         for arm in arms:
-            if arm.config is None:
+            done = finished_run(work, arm.name) if reuse else None
+            if done is not None:
+                print(f"  {arm.name}: reusing {done}", flush=True)
+                futures[arm.name] = pool.submit(lambda run: (run, None), done)
+            elif arm.config is None:
                 futures[arm.name] = pool.submit(fit, config, work, arm, seed, fwm, idm, False, extra, threads)
             else:
                 own = work / "models" / arm.name
@@ -128,10 +133,15 @@ def run_seed(
     return result
 
 
-def finished_run(work: Path, name: str) -> Path | None:
-    """The newest run of ``name`` under ``work`` that wrote its metrics table and SFT folders, or None."""
+def finished_run(work: Path, name: str, pretrained: bool = False) -> Path | None:
+    """The newest run of ``name`` under ``work`` that reached the end of fit (it wrote its metrics table), and with
+    ``pretrained`` also its SFT model folders; None if there is none."""
     runs = sorted((work / "runs" / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    done = [r for r in runs if (r / "swirl_metrics.json").exists() and (r / "pretrained" / "sft" / "fwm").is_dir()]
+    done = [
+        r
+        for r in runs
+        if (r / "swirl_metrics.json").exists() and (not pretrained or (r / "pretrained" / "sft" / "fwm").is_dir())
+    ]
     return done[-1] if done else None
 
 

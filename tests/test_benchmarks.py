@@ -39,3 +39,11 @@ def test_swirl_vs_sft_runs_both_arms_from_one_sft_checkpoint(tmp_path: Path) -> 
     assert {p["stage"] for p in seed["phases"]["swirl"]} == {"phase1", "phase2"}
     assert 0 <= seed["swirl"]["fwm_state_acc"] <= 1 and 0 <= seed["sft_only"]["idm_action_acc"] <= 1
     assert "relative to sft_only" in proc.stdout and "| swirl |" in proc.stdout
+
+    # --reuse keeps the finished SFT and sft_only runs and trains only the arm that is missing.
+    proc, again = _bench("ablations.py", tmp_path, "--jobs", "1", "--arms", "sft_only", "bootstrap", "--reuse")
+    assert "sft: reusing" in proc.stdout and "sft_only: reusing" in proc.stdout
+    (reused,) = again["seeds"]
+    assert reused["sft"] == seed["sft"] and reused["sft_only"] == seed["sft_only"]
+    assert reused["seconds"]["sft"] is None and reused["seconds"]["sft_only"] is None
+    assert reused["seconds"]["bootstrap"] > 0
