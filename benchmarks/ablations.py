@@ -63,6 +63,7 @@ def parser(doc: str, out: str) -> argparse.ArgumentParser:
 
 def main(select: list[str] | None = None, doc: str = __doc__, out: str = "ablations.json") -> dict:
     a = parser(doc, out).parse_args()
+    a.work = a.work.resolve()  # the runs' working directory is the repository root
     extra = [x for x in a.extra if x != "--"]
     schedule = _config_schedule(a.config)
     for key in schedule:

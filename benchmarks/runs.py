@@ -63,7 +63,7 @@ def fit(config: str, work: Path, arm: Arm, seed: int, fwm: str, idm: str, tiny: 
         *arm.overrides,
     ]
     if not tiny:  # the config's build_tiny would otherwise silently replace a missing SFT folder
-        missing = [path for path in (fwm, idm) if not (Path(path) / "config.json").is_file()]
+        missing = [path for path in (fwm, idm) if not Path(path).is_dir()]
         if missing:
             raise FileNotFoundError(f"{arm.name}: no model folder at {missing}")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
