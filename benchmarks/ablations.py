@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from runs import METRICS, REPO, Arm, print_table, run_seed, summarise, write_json
+from harness import METRICS, REPO, Arm, print_table, run_seed, summarise, write_json
 
 
 def arms(iterations: int, p1: int, p2: int, sft_steps: int) -> list[Arm]:

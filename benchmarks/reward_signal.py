@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from runs import write_json
+from harness import write_json
 
 from datamodules import sprites
 from datamodules.trajectory import SpriteDataModule

@@ -105,7 +105,9 @@ def run_seed(
         sft, sft_seconds = finished, None
         print(f"  sft: reusing {sft}", flush=True)
     else:  # SFT runs alone: all cores.
-        sft, sft_seconds = fit(config, work, sft_arm, seed, str(models / "fwm"), str(models / "idm"), True, extra, cores)
+        sft, sft_seconds = fit(
+            config, work, sft_arm, seed, str(models / "fwm"), str(models / "idm"), True, extra, cores
+        )
     fwm, idm = str(sft / "pretrained" / "sft" / "fwm"), str(sft / "pretrained" / "sft" / "idm")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {}
