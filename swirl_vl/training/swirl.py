@@ -235,11 +235,10 @@ class SwirlModule(LightningModule):
 
     def current_lr(self, which: Literal["fwm", "idm"], base: float) -> float:
         """The learning rate of ``which`` at the current step of the current stage, given its configured rate."""
+        h = self.hparams
         if self.stage == "sft":
-            h = self.hparams
             total = self.stage_steps if which == "idm" else self._sft_fwm_total()
             return base * lr_factor(self.step_in_phase, total, h.sft_warmup_steps, h.sft_lr_schedule)
-        h = self.hparams
         rl_lr = h[f"{which}_rl_lr"]
         factor = lr_factor(self.step_in_phase, self.stage_steps, h.rl_warmup_steps, h.rl_lr_schedule)
         return (base if rl_lr is None else rl_lr) * factor
