@@ -75,7 +75,7 @@ def fit(config: str, work: Path, arm: Arm, seed: int, fwm: str, idm: str, tiny: 
     if proc.returncode != 0:
         raise RuntimeError(f"{arm.name} failed (exit {proc.returncode}); log: {log}\n{log.read_text()[-4000:]}")
     seconds = time.perf_counter() - started
-    run = sorted((work / "runs" / arm.name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
+    run = _versions(work, arm.name)[-1]
     print(f"  {arm.name}: {seconds:.0f} s", flush=True)
     return run, seconds
 
@@ -109,20 +109,21 @@ def run_seed(
             config, work, sft_arm, seed, str(models / "fwm"), str(models / "idm"), True, extra, cores
         )
     fwm, idm = str(sft / "pretrained" / "sft" / "fwm"), str(sft / "pretrained" / "sft" / "idm")
+    runs: dict[str, tuple[Path, float | None]] = {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {}
         for arm in arms:
             done = finished_run(work, arm.name) if reuse else None
             if done is not None:
                 print(f"  {arm.name}: reusing {done}", flush=True)
-                futures[arm.name] = pool.submit(lambda run: (run, None), done)
+                runs[arm.name] = (done, None)
             elif arm.config is None:
                 futures[arm.name] = pool.submit(fit, config, work, arm, seed, fwm, idm, False, extra, threads)
             else:
                 own = work / "models" / arm.name
                 args = (arm.config, work, arm, seed, str(own / "fwm"), str(own / "idm"), True, extra, threads)
                 futures[arm.name] = pool.submit(fit, *args)
-        runs = {name: future.result() for name, future in futures.items()}
+        runs.update({name: future.result() for name, future in futures.items()})
     result = {"seed": seed, "sft": _final(sft), "seconds": {"sft": sft_seconds}, "tables": {}, "phases": {}}
     result["phases"]["sft"] = _read(sft / "swirl_phases.json")
     for name, (run, seconds) in runs.items():
@@ -138,13 +139,17 @@ def run_seed(
 def finished_run(work: Path, name: str, pretrained: bool = False) -> Path | None:
     """The newest run of ``name`` under ``work`` that reached the end of fit (it wrote its metrics table), and with
     ``pretrained`` also its SFT model folders; None if there is none."""
-    runs = sorted((work / "runs" / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     done = [
         r
-        for r in runs
+        for r in _versions(work, name)
         if (r / "swirl_metrics.json").exists() and (not pretrained or (r / "pretrained" / "sft" / "fwm").is_dir())
     ]
     return done[-1] if done else None
+
+
+def _versions(work: Path, name: str) -> list[Path]:
+    """The TensorBoard run folders of ``name`` under ``work``, oldest first."""
+    return sorted((work / "runs" / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
 
 
 def _read(path: Path) -> list[dict]:
