@@ -12,6 +12,7 @@ right member (what GRPO can learn from at all) and the greedy accuracy. GRPO onl
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
@@ -33,7 +34,19 @@ def group_auc(rewards: list[float], right: list[bool]) -> float | None:
     return statistics.fmean(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
 
 
-def summarise(name: str, aucs: list[float | None], any_right: list[bool], greedy: list[bool]) -> dict:
+def recorded_generation(root: Path) -> dict:
+    """The generation settings a sprite data folder was written with, so that reading it never regenerates it."""
+    manifest = root / SpriteDataModule.MANIFEST
+    if not manifest.exists():
+        return {}
+    recorded = json.loads(manifest.read_text())
+    names = {"labelled": "labelled_trajectories", "unlabelled": "unlabelled_trajectories"}
+    names |= {"val": "val_trajectories", "test": "test_trajectories"}
+    keep = ("seed", "length", "test_length", "shard_size")
+    return {names.get(k, k): v for k, v in recorded.items() if k in names or k in keep}
+
+
+def summarise(name: str, aucs: list[float | None], any_right: list[bool], greedy: list[bool], best: list[bool]) -> dict:
     mixed = [a for a in aucs if a is not None]
     out = {
         "groups": len(aucs),
@@ -41,6 +54,7 @@ def summarise(name: str, aucs: list[float | None], any_right: list[bool], greedy
         "auc": statistics.fmean(mixed) if mixed else float("nan"),
         "groups_with_a_right_sample": statistics.fmean(any_right),
         "greedy_acc": statistics.fmean(greedy),
+        "best_of_group_acc": statistics.fmean(best),
     }
     print(f"{name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
     return out
@@ -56,15 +70,17 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fwm-temperature", type=float, default=0.75, help="Phase I sampling temperature")
+    p.add_argument("--idm-temperature", type=float, default=0.7, help="Phase II sampling temperature")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reward_signal.json")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     fwm, idm = TokenFWM(a.fwm).eval(), VLMIDM(a.idm).eval()
-    data = SpriteDataModule(root=a.data)
+    data = SpriteDataModule(root=a.data, **recorded_generation(Path(a.data)))
     data.prepare_data()
     pairs = data.pairs("val")[: a.pairs]  # ground-truth states; never trained on
     g = a.group_size
-    p1_auc, p1_any, p1_greedy, p2_auc, p2_any, p2_greedy = [], [], [], [], [], []
+    p1_auc, p1_any, p1_greedy, p1_best, p2_auc, p2_any, p2_greedy, p2_best = ([] for _ in range(8))
     for start in range(0, len(pairs), a.batch):
         chunk = pairs[start : start + a.batch]
         x = torch.stack([c["x"] for c in chunk])
@@ -74,7 +90,7 @@ def main() -> None:
         # Phase I: IDM label → G FWM samples → IDM reward.
         label = idm.sample(x, y, num_samples=1, greedy=True)
         z = label.texts
-        rollout = fwm.sample(x, z, num_samples=g)
+        rollout = fwm.sample(x, z, num_samples=g, temperature=a.fwm_temperature)
         rewards = idm.log_likelihood(x.repeat_interleave(g, 0), rollout.images, [t for t in z for _ in range(g)])
         right = [sprites.parse(img) == ys[i // g] for i, img in enumerate(rollout.images)]
         greedy = fwm.sample(x, z, num_samples=1, greedy=True).images
@@ -83,8 +99,9 @@ def main() -> None:
             p1_auc.append(group_auc(rewards[group].tolist(), right[group]))
             p1_any.append(any(right[group]))
             p1_greedy.append(sprites.parse(greedy[b]) == ys[b])
+            p1_best.append(right[group][int(rewards[group].argmax())])
         # Phase II: G IDM actions → FWM reward.
-        actions = idm.sample(x, y, num_samples=g)
+        actions = idm.sample(x, y, num_samples=g, temperature=a.idm_temperature)
         rewards = fwm.log_likelihood(x.repeat_interleave(g, 0), actions.texts, y.repeat_interleave(g, 0))
         right = [sprites.apply(xs[i // g], t) == ys[i // g] for i, t in enumerate(actions.texts)]
         for b in range(len(chunk)):
@@ -92,10 +109,11 @@ def main() -> None:
             p2_auc.append(group_auc(rewards[group].tolist(), right[group]))
             p2_any.append(any(right[group]))
             p2_greedy.append(sprites.apply(xs[b], z[b]) == ys[b])
+            p2_best.append(right[group][int(rewards[group].argmax())])
     payload = {
         "args": {k: str(v) for k, v in vars(a).items()},
-        "phase1": summarise("phase1 (FWM samples, IDM reward)", p1_auc, p1_any, p1_greedy),
-        "phase2": summarise("phase2 (IDM samples, FWM reward)", p2_auc, p2_any, p2_greedy),
+        "phase1": summarise("phase1 (FWM samples, IDM reward)", p1_auc, p1_any, p1_greedy, p1_best),
+        "phase2": summarise("phase2 (IDM samples, FWM reward)", p2_auc, p2_any, p2_greedy, p2_best),
     }
     write_json(a.out, payload)
     print(f"written {a.out}")
