@@ -47,3 +47,28 @@ def test_swirl_vs_sft_runs_both_arms_from_one_sft_checkpoint(tmp_path: Path) -> 
     assert reused["sft"] == seed["sft"] and reused["sft_only"] == seed["sft_only"]
     assert reused["seconds"]["sft"] is None and reused["seconds"]["sft_only"] is None
     assert reused["seconds"]["bootstrap"] > 0
+
+    # reward_signal.py reads the same SFT folders and data; the data folder is read as written, never regenerated.
+    manifest = tmp_path / "work" / "seed0" / "data" / "sprites-manifest.json"
+    before = manifest.read_text()
+    sft = tmp_path / "work" / "seed0" / "runs" / "sft" / "version_0" / "pretrained" / "sft"
+    out = tmp_path / "signal.json"
+    cmd = [sys.executable, "benchmarks/reward_signal.py", "--fwm", str(sft / "fwm"), "--idm", str(sft / "idm")]
+    cmd += ["--data", str(manifest.parent), "--pairs", "4", "--group-size", "3", "--batch", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert manifest.read_text() == before
+    signal = json.loads(out.read_text())
+    for phase in ("phase1", "phase2"):
+        assert signal[phase]["groups"] == 4 and 0 <= signal[phase]["mixed_groups"] <= 4
+        for key in ("groups_with_a_right_sample", "greedy_acc", "best_of_group_acc"):
+            assert 0 <= signal[phase][key] <= 1
+
+
+def test_group_auc_counts_ordered_pairs_and_half_ties() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from reward_signal import group_auc
+
+    assert group_auc([0.9, 0.1, 0.5], [True, False, False]) == 1.0
+    assert group_auc([0.2, 0.2, 0.7], [True, False, False]) == 0.25  # one tie (½), one loss (0)
+    assert group_auc([0.3, 0.4], [True, True]) is None
