@@ -4,7 +4,9 @@ Phase I: for unlabelled pairs, the FWM samples ``G`` next states under the IDM's
 when it parses to the true next state. Phase II: the IDM samples ``G`` actions; an action is right when, applied to
 the parsed ``x``, it gives the parsed ``y``. Per group with both right and wrong members, the AUC of the reward
 (share of right/wrong member pairs that the reward orders correctly, ties ½); also the share of groups with any
-right member (what GRPO can learn from at all) and the greedy accuracy. GRPO only helps where AUC is well above ½.
+right member (what GRPO can learn from at all), the greedy accuracy, and the accuracy of the best-rewarded member
+(best of group): GRPO only helps where AUC is well above ½, and it can only lift a model past its greedy accuracy
+where the best of group beats it. ``--fwm`` is a token FWM folder or a diffusers one (diffusion FWM).
 
     python benchmarks/reward_signal.py --fwm runs/.../pretrained/sft/fwm --idm runs/.../pretrained/sft/idm
 """
@@ -21,6 +23,7 @@ from harness import write_json
 
 from datamodules import sprites
 from datamodules.trajectory import SpriteDataModule
+from swirl_vl.models.diffusion_fwm import DiffusionFWM
 from swirl_vl.models.idm import VLMIDM
 from swirl_vl.models.token_fwm import TokenFWM
 
@@ -32,6 +35,11 @@ def group_auc(rewards: list[float], right: list[bool]) -> float | None:
     if not pos or not neg:
         return None
     return statistics.fmean(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+
+
+def load_fwm(path: str) -> TokenFWM | DiffusionFWM:
+    """The FWM saved at ``path``: a diffusers folder (``model_index.json``) or a transformers one."""
+    return DiffusionFWM(path) if (Path(path) / "model_index.json").exists() else TokenFWM(path)
 
 
 def recorded_generation(root: Path) -> dict:
@@ -70,12 +78,15 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fwm-temperature", type=float, default=0.75, help="Phase I sampling temperature")
+    p.add_argument("--fwm-temperature", type=float, default=0.75, help="Phase I sampling temperature (token FWM)")
     p.add_argument("--idm-temperature", type=float, default=0.7, help="Phase II sampling temperature")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reward_signal.json")
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    fwm, idm = TokenFWM(a.fwm).eval(), VLMIDM(a.idm).eval()
+    fwm, idm = load_fwm(a.fwm).eval(), VLMIDM(a.idm).eval()
+    sampling = (
+        {"temperature": a.fwm_temperature} if isinstance(fwm, TokenFWM) else {}
+    )  # diffusion: DDIM η of the folder
     data = SpriteDataModule(root=a.data, **recorded_generation(Path(a.data)))
     data.prepare_data()
     pairs = data.pairs("val")[: a.pairs]  # ground-truth states; never trained on
@@ -90,7 +101,7 @@ def main() -> None:
         # Phase I: IDM label → G FWM samples → IDM reward.
         label = idm.sample(x, y, num_samples=1, greedy=True)
         z = label.texts
-        rollout = fwm.sample(x, z, num_samples=g, temperature=a.fwm_temperature)
+        rollout = fwm.sample(x, z, num_samples=g, **sampling)
         rewards = idm.log_likelihood(x.repeat_interleave(g, 0), rollout.images, [t for t in z for _ in range(g)])
         right = [sprites.parse(img) == ys[i // g] for i, img in enumerate(rollout.images)]
         greedy = fwm.sample(x, z, num_samples=1, greedy=True).images
@@ -102,7 +113,8 @@ def main() -> None:
             p1_best.append(right[group][int(rewards[group].argmax())])
         # Phase II: G IDM actions → FWM reward.
         actions = idm.sample(x, y, num_samples=g, temperature=a.idm_temperature)
-        rewards = fwm.log_likelihood(x.repeat_interleave(g, 0), actions.texts, y.repeat_interleave(g, 0))
+        # group_size: a diffusion FWM scores a group's actions with the same (t, ε) draws, as Phase II does.
+        rewards = fwm.log_likelihood(x.repeat_interleave(g, 0), actions.texts, y.repeat_interleave(g, 0), group_size=g)
         right = [sprites.apply(xs[i // g], t) == ys[i // g] for i, t in enumerate(actions.texts)]
         for b in range(len(chunk)):
             group = slice(b * g, (b + 1) * g)
