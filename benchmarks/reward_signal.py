@@ -14,7 +14,6 @@ where the best of group beats it. ``--fwm`` is a token FWM folder or a diffusers
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -40,18 +39,6 @@ def group_auc(rewards: list[float], right: list[bool]) -> float | None:
 def load_fwm(path: str) -> TokenFWM | DiffusionFWM:
     """The FWM saved at ``path``: a diffusers folder (``model_index.json``) or a transformers one."""
     return DiffusionFWM(path) if (Path(path) / "model_index.json").exists() else TokenFWM(path)
-
-
-def recorded_generation(root: Path) -> dict:
-    """The generation settings a sprite data folder was written with, so that reading it never regenerates it."""
-    manifest = root / SpriteDataModule.MANIFEST
-    if not manifest.exists():
-        return {}
-    recorded = json.loads(manifest.read_text())
-    names = {"labelled": "labelled_trajectories", "unlabelled": "unlabelled_trajectories"}
-    names |= {"val": "val_trajectories", "test": "test_trajectories"}
-    keep = ("seed", "length", "test_length", "shard_size")
-    return {names.get(k, k): v for k, v in recorded.items() if k in names or k in keep}
 
 
 def summarise(name: str, aucs: list[float | None], any_right: list[bool], greedy: list[bool], best: list[bool]) -> dict:
@@ -84,10 +71,9 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(a.seed)
     fwm, idm = load_fwm(a.fwm).eval(), VLMIDM(a.idm).eval()
-    sampling = (
-        {"temperature": a.fwm_temperature} if isinstance(fwm, TokenFWM) else {}
-    )  # diffusion: DDIM η of the folder
-    data = SpriteDataModule(root=a.data, **recorded_generation(Path(a.data)))
+    # The token FWM samples at a temperature; the diffusion one with the DDIM η its folder was built with.
+    sampling = {"temperature": a.fwm_temperature} if isinstance(fwm, TokenFWM) else {}
+    data = SpriteDataModule.from_folder(a.data)
     data.prepare_data()
     pairs = data.pairs("val")[: a.pairs]  # ground-truth states; never trained on
     g = a.group_size

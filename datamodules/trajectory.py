@@ -396,6 +396,23 @@ class SpriteDataModule(TrajectoryDataModule):
         }
 
     @classmethod
+    def from_folder(cls, root: str | Path, **kwargs: Any) -> SpriteDataModule:
+        """The data module of shards already under ``root``, with the generation settings its manifest records, so
+        that ``prepare_data`` reuses them as written (a module built with other settings would regenerate them).
+
+        ``kwargs``: the other arguments (batch sizes, workers, ...). Raises ``FileNotFoundError`` without a manifest.
+        """
+        manifest = Path(root) / cls.MANIFEST
+        try:
+            recorded = json.loads(manifest.read_text())
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"{manifest}: no readable sprite manifest; generate the data first") from e
+        names = {"labelled": "labelled_trajectories", "unlabelled": "unlabelled_trajectories"}
+        names |= {"val": "val_trajectories", "test": "test_trajectories"}
+        names |= {k: k for k in ("seed", "length", "test_length", "shard_size")}
+        return cls(root=str(root), **{names[k]: v for k, v in recorded.items() if k in names}, **kwargs)
+
+    @classmethod
     def preflight(cls, init_args: Mapping[str, Any], stage: str) -> list[str]:
         return []  # prepare_data generates whatever is missing
 

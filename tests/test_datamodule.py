@@ -151,6 +151,11 @@ def test_sprite_datamodule_prepares_then_reuses(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(trajectory, "write_sprite_splits", fail)
     SpriteDataModule(root=str(tmp_path / "world"), **sizes).prepare_data()  # reused
+    again = SpriteDataModule.from_folder(tmp_path / "world", batch_size=2)  # the manifest's settings: reused too
+    again.prepare_data()
+    assert again.generation == dm.generation and again.hparams.batch_size == 2
+    with pytest.raises(FileNotFoundError, match="no readable sprite manifest"):
+        SpriteDataModule.from_folder(tmp_path / "nowhere")
     with pytest.raises(AssertionError):  # different settings: regenerated
         SpriteDataModule(root=str(tmp_path / "world"), seed=1, **sizes).prepare_data()
     # that generation "crashed": the marker is gone, so the next run regenerates rather than trusting the folder
