@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 from jsonargparse import Namespace
@@ -54,6 +55,10 @@ def missing_inputs(config: Any, stage: str) -> list[str]:
 
 
 def main(args: list[str] | None = None) -> SwirlCLI:
+    # SwirlModule optimises manually, and a checkpoint holds the weights after a step together with the schedule's
+    # count of that step, so a resumed run goes on at the next one: the state Lightning's warning (with its page
+    # of example code, on every run) asks whether we meant.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     return SwirlCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
