@@ -1,6 +1,6 @@
 """The two model interfaces every backend implements, and the rollout record GRPO consumes.
 
-Conventions (DESIGN.md §3):
+Conventions (README, "Layout"):
 - images are float tensors ``(B, 3, H, W)`` in ``[0, 1]``; actions are ``list[str]``;
 - a rollout of ``G`` samples per condition is ordered group-major: row ``b * G + g`` is sample ``g``
   of condition ``b`` (what ``repeat_interleave(G, 0)`` produces);
@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from swirl_vl.rl.grpo import k3_kl
 
 
 @dataclass
@@ -33,6 +35,9 @@ class Rollout:
     """IDM rollouts: ``N`` action texts."""
     context: dict[str, Tensor] = field(default_factory=dict)
     """Backend-specific tensors (token ids, latents, conditioning) that ``rollout_logprobs`` needs."""
+    temperature: float = 1.0
+    """Sampling temperature of token rollouts: old and new log-probs are scored on logits divided by it, so that the
+    policy GRPO optimises is the one that sampled (as TRL does; top-k / top-p truncation is not re-applied)."""
 
     def __post_init__(self) -> None:
         assert self.old_logprobs.shape == self.mask.shape, (self.old_logprobs.shape, self.mask.shape)
@@ -49,10 +54,44 @@ class Rollout:
             images=None if self.images is None else self.images.to(device),
             texts=self.texts,
             context={k: v.to(device) for k, v in self.context.items()},
+            temperature=self.temperature,
         )
 
 
-class ForwardWorldModel(nn.Module, ABC):
+@dataclass
+class PolicyScores:
+    """What a GRPO update needs from the policy for one rollout batch."""
+
+    logp: Tensor
+    """``(N, L)`` log-probs under the current weights, with grad."""
+    mask: Tensor
+    """``(N, L)`` bool, as the rollout's."""
+    kl: Tensor | None
+    """``(N, L)`` per-position estimate of ``KL(π ‖ π_ref)``, with grad; None without a reference."""
+
+
+class GRPOPolicy(nn.Module, ABC):
+    """What both world models share as GRPO policies: scoring a rollout and its KL to a reference policy."""
+
+    @abstractmethod
+    def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """Log-probs ``(N, L)`` of the rollout's samples under the current weights (with grad), and the mask."""
+
+    def policy_scores(self, rollout: Rollout, reference: GRPOPolicy | None = None) -> PolicyScores:
+        """Log-probs and the per-token k3 KL to ``reference`` (``exp(r) − r − 1``, ``r = log π_ref − log π``).
+
+        Token policies: k3 is an unbiased, non-negative estimate of the KL of the sampled token. Backends whose
+        positions are continuous (diffusion steps) override this with a closed form.
+        """
+        logp, mask = self.rollout_logprobs(rollout)
+        if reference is None:
+            return PolicyScores(logp, mask, None)
+        with torch.no_grad():
+            ref_logp, _ = reference.rollout_logprobs(rollout)
+        return PolicyScores(logp, mask, k3_kl(logp, ref_logp, mask))
+
+
+class ForwardWorldModel(GRPOPolicy):
     """``P_θ(y | x, z)``: edits image ``x`` under action text ``z`` into the next image ``y``."""
 
     image_size: int
@@ -87,7 +126,7 @@ class ForwardWorldModel(nn.Module, ABC):
         """Load a model written by ``save_pretrained`` (or a real checkpoint in the same format)."""
 
 
-class InverseDynamicsModel(nn.Module, ABC):
+class InverseDynamicsModel(GRPOPolicy):
     """``Q_φ(z | x, y)``: says which action text turned image ``x`` into image ``y``."""
 
     image_size: int

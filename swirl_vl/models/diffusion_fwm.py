@@ -5,7 +5,9 @@ axis and the action text (``CLIPTextModel``) as cross-attention context; samplin
 folder has no ``vae/`` (the tiny default), latent space through ``AutoencoderKL`` when it has one (real
 ``timbrooks/instruct-pix2pix`` folders).
 
-As a policy (Phase I, DESIGN §1) each denoising step ``x_t → x_{t_prev}`` of a stochastic DDIM sampler (η > 0)
+Sampling uses InstructPix2Pix's dual classifier-free guidance (``guidance_scale`` on the instruction,
+``image_guidance_scale`` on the source image; ``swirl_vl.rl.guidance``), and SFT drops the conditionings as its
+training did, so that the unconditional branches exist. As a policy (Phase I) each denoising step ``x_t → x_{t_prev}`` of a stochastic DDIM sampler (η > 0)
 plays the role of a token: its log-prob is the Gaussian density of the transition (``swirl_vl.rl.ddim``). As a
 likelihood (Phase II reward) it gives an ELBO-style estimate: minus the mean denoising error.
 """
@@ -13,6 +15,7 @@ likelihood (Phase II reward) it gives an ELBO-style estimate: minus the mean den
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +24,41 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from swirl_vl.models.base import ForwardWorldModel, Rollout, missing_checkpoint_error
+from swirl_vl.models.base import ForwardWorldModel, PolicyScores, Rollout, missing_checkpoint_error
 from swirl_vl.models.tiny_diffusion import build_tiny_instruct_pix2pix, write_model_index
-from swirl_vl.rl.ddim import ddim_step_with_logprob, default_prev_timestep
+from swirl_vl.rl.ddim import (
+    ddim_step_mean_std,
+    ddim_step_with_logprob,
+    default_prev_timestep,
+    gaussian_kl_same_std,
+    gaussian_logprob,
+)
+from swirl_vl.rl.guidance import dual_guidance
+
+
+@dataclass
+class ConditioningDropout:
+    """Share of SFT examples trained without their conditionings (InstructPix2Pix: 5% each), so that guidance has
+    unconditional branches to contrast with. The three cases are disjoint."""
+
+    text: float = 0.05
+    """Instruction replaced by the empty prompt, source image kept."""
+    image: float = 0.05
+    """Source image replaced by zeros, instruction kept."""
+    both: float = 0.05
+    """Both dropped."""
+
+    def __post_init__(self) -> None:
+        shares = (self.text, self.image, self.both)
+        if min(shares) < 0 or sum(shares) > 1:
+            raise ValueError(f"conditioning_dropout shares must be ≥ 0 and sum to ≤ 1; got {shares}")
+
+    def masks(self, batch: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(B,)`` bools ``(drop_text, drop_image)`` drawn for one batch."""
+        u = torch.rand(batch, generator=generator)
+        text_only, both = u < self.text, (u >= self.text) & (u < self.text + self.both)
+        image_only = (u >= self.text + self.both) & (u < self.text + self.both + self.image)
+        return text_only | both, image_only | both
 
 
 class DiffusionFWM(ForwardWorldModel):
@@ -40,6 +75,10 @@ class DiffusionFWM(ForwardWorldModel):
             drawn at random per rollout row.
         elbo_draws: ``(t, ε)`` draws per pair in ``log_likelihood`` (stratified over ``t``).
         image_size: side of the square images the model works on (pixels); the tiny build's ``sample_size``.
+        guidance_scale: text guidance ``s_T`` of sampling (greedy and rollouts; diffusers' default 7.5). With
+            ``image_guidance_scale`` both 1, guidance is off and each step is one UNet pass instead of three.
+        image_guidance_scale: image guidance ``s_I`` of sampling (diffusers' default 1.5).
+        conditioning_dropout: shares of SFT examples without instruction, without source image, without both.
     """
 
     def __init__(
@@ -52,6 +91,9 @@ class DiffusionFWM(ForwardWorldModel):
         train_timestep_fraction: float = 1.0,
         elbo_draws: int = 4,
         image_size: int = 32,
+        guidance_scale: float = 7.5,
+        image_guidance_scale: float = 1.5,
+        conditioning_dropout: ConditioningDropout | None = None,
     ) -> None:
         super().__init__()
         if num_inference_steps < 2:
@@ -69,6 +111,8 @@ class DiffusionFWM(ForwardWorldModel):
         self.train_timestep_fraction = train_timestep_fraction
         self.elbo_draws = elbo_draws
         self.image_size = image_size
+        self.guidance_scale, self.image_guidance_scale = guidance_scale, image_guidance_scale
+        self.conditioning_dropout = conditioning_dropout if conditioning_dropout is not None else ConditioningDropout()
 
         if not self.path.exists() and build_tiny:
             try:
@@ -158,6 +202,31 @@ class DiffusionFWM(ForwardWorldModel):
         """UNet output ``(B, C, h, w)`` for noisy ``latents`` ‖ ``source`` at timestep(s) ``t`` (scalar or ``(B,)``)."""
         return self.unet(torch.cat([latents, source], dim=1), t, encoder_hidden_states=text).sample
 
+    def _null_text(self) -> Tensor:
+        """``(1, L, D)`` context of the empty instruction (guidance's unconditional branch, SFT's dropped text)."""
+        return self._encode_text(self._tokenize([""]))
+
+    def _guided_predict(
+        self, latents: Tensor, source: Tensor, text: Tensor, t: Tensor, scales: tuple[float, float]
+    ) -> Tensor:
+        """Dual-guided UNet output ``(B, C, h, w)``: the three branches in one UNet batch, as the diffusers pipeline.
+
+        ``scales = (text, image)``; ``(1, 1)`` is the conditional output alone (one branch).
+        """
+        text_scale, image_scale = scales
+        if text_scale == 1.0 and image_scale == 1.0:
+            return self._predict(latents, source, text, t)
+        null = self._null_text().expand_as(text)
+        t3 = t.repeat(3) if torch.is_tensor(t) and t.ndim == 1 else t
+        out = self._predict(
+            torch.cat([latents] * 3),
+            torch.cat([source, source, torch.zeros_like(source)]),
+            torch.cat([text, null, null]),
+            t3,
+        )
+        cond, image_only, uncond = out.chunk(3)
+        return dual_guidance(cond, image_only, uncond, text_scale, image_scale)
+
     def _denoising_error(self, source: Tensor, target: Tensor, text: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """``(B,)`` mean squared error of the UNet's prediction of what the scheduler's ``prediction_type`` names."""
         noisy = self.scheduler.add_noise(target, noise, t)
@@ -177,9 +246,13 @@ class DiffusionFWM(ForwardWorldModel):
         """Denoising MSE at uniformly random ``t`` (scalar); ``x``, ``y``: ``(B, 3, H, W)`` in ``[0, 1]``.
 
         The regression target is what the scheduler's ``prediction_type`` names: ε (InstructPix2Pix), x_0 (the
-        tiny pixel model) or v.
+        tiny pixel model) or v. In train mode, ``conditioning_dropout`` drops instructions and source images.
         """
         source, target = self._encode_source(x), self._encode_target(y)
+        if self.training:
+            drop_text, drop_image = self.conditioning_dropout.masks(len(z))
+            z = ["" if drop else action for action, drop in zip(z, drop_text.tolist())]
+            source = source.masked_fill(drop_image.to(self.device)[:, None, None, None], 0.0)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (target.shape[0],), device=self.device)
         noise = torch.randn_like(target)
         return self._denoising_error(source, target, self._encode_text(self._tokenize(z)), t, noise).mean()
@@ -211,17 +284,24 @@ class DiffusionFWM(ForwardWorldModel):
         eta: float | None = None,
         num_inference_steps: int | None = None,
         generator: torch.Generator | None = None,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
     ) -> Rollout:
-        """``G = num_samples`` next states per ``(x, z)`` by DDIM, recording every step (row ``b * G + g``).
+        """``G = num_samples`` next states per ``(x, z)`` by guided DDIM, recording every step (row ``b * G + g``).
 
         ``greedy``: deterministic DDIM (η = 0) from a fixed start noise (``seed``), ``G = 1``; such a rollout has
         no density, so its mask is all False. Returns a ``Rollout`` with ``old_logprobs``/``mask`` ``(N, S)``,
         ``images`` ``(N, 3, H, W)`` in ``[0, 1]`` and ``context``: ``latents`` ``(N, S+1, C, h, w)``, ``timesteps``
-        and ``prev_timesteps`` ``(S,)``, ``source`` ``(N, C, h, w)``, ``input_ids`` ``(N, L)``, ``eta`` ``()``.
+        and ``prev_timesteps`` ``(S,)``, ``source`` ``(N, C, h, w)``, ``input_ids`` ``(N, L)``, ``eta`` ``()``,
+        ``guidance`` ``(2,)``: the scales, so that re-scoring recomputes the same guided transition.
         """
         if greedy and num_samples != 1:
             raise ValueError(f"greedy sampling is deterministic: num_samples must be 1, got {num_samples}")
         eta = 0.0 if greedy else (self.eta if eta is None else eta)
+        scales = (
+            self.guidance_scale if guidance_scale is None else guidance_scale,
+            self.image_guidance_scale if image_guidance_scale is None else image_guidance_scale,
+        )
         timesteps, prev_timesteps = self._timesteps(num_inference_steps or self.num_inference_steps)
 
         input_ids = self._tokenize(z).repeat_interleave(num_samples, 0)  # (N, L)
@@ -237,7 +317,7 @@ class DiffusionFWM(ForwardWorldModel):
         latents = [noise.to(source) * self.scheduler.init_noise_sigma]
         logprobs = []
         for t, t_prev in zip(timesteps, prev_timesteps):
-            model_output = self._predict(latents[-1], source, text, t)
+            model_output = self._guided_predict(latents[-1], source, text, t, scales)
             prev_sample, logprob = ddim_step_with_logprob(
                 self.scheduler, model_output, t, latents[-1], eta, generator=generator, prev_timestep=t_prev
             )
@@ -262,28 +342,53 @@ class DiffusionFWM(ForwardWorldModel):
                 "source": source,
                 "input_ids": input_ids,
                 "eta": torch.tensor(eta),
+                "guidance": torch.tensor(scales),
             },
         )
 
-    def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
-        """``(N, S)`` log-probs of the recorded transitions under the current weights (with grad), and the mask.
+    def transition_means(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
+        """The guided DDIM transitions of the rollout's masked-in steps under the current weights (with grad).
 
-        Only masked-in steps are evaluated, all in one UNet batch (per-row timesteps); the rest are 0.
+        Returns ``mean`` ``(M, C, h, w)``, σ_t ``(M, 1, 1, 1)`` and the recorded ``x_{t_prev}`` ``(M, C, h, w)``, for
+        the ``M`` masked-in steps in row-major order (as ``masked_scatter`` fills), all in one UNet batch (per-row
+        timesteps). σ_t depends on the schedule only, so the reference's σ_t is the same.
         """
         ctx, mask = rollout.context, rollout.mask
-        if not mask.any():  # greedy (η = 0) rollouts: nothing has a density, nothing to train
-            return torch.zeros(mask.shape, device=mask.device), mask
-        rows, steps = mask.nonzero(as_tuple=True)  # (M,), (M,) in row-major order, as masked_scatter fills
+        rows, steps = mask.nonzero(as_tuple=True)  # (M,), (M,)
         latents = ctx["latents"]
         sample, prev_sample = latents[rows, steps], latents[rows, steps + 1]  # (M, C, h, w)
         t, t_prev = ctx["timesteps"][steps], ctx["prev_timesteps"][steps]  # (M,)
         text = self._encode_text(ctx["input_ids"])[rows]  # (M, L, D), with grad into the text encoder
-        model_output = self._predict(sample, ctx["source"][rows], text, t)
-        _, logprob = ddim_step_with_logprob(
-            self.scheduler, model_output, t, sample, float(ctx["eta"]), prev_sample=prev_sample, prev_timestep=t_prev
-        )
-        logprobs = torch.zeros(mask.shape, device=logprob.device, dtype=torch.float32)
-        return logprobs.masked_scatter(mask, logprob.float()), mask
+        scales = tuple(float(v) for v in ctx["guidance"]) if "guidance" in ctx else (1.0, 1.0)
+        model_output = self._guided_predict(sample, ctx["source"][rows], text, t, scales)
+        mean, std = ddim_step_mean_std(self.scheduler, model_output, t, sample, float(ctx["eta"]), t_prev)
+        return mean, std, prev_sample
+
+    def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """``(N, S)`` log-probs of the recorded transitions under the current weights (with grad), and the mask.
+
+        Only masked-in steps are evaluated; the rest are 0.
+        """
+        return self.policy_scores(rollout).logp, rollout.mask
+
+    def policy_scores(self, rollout: Rollout, reference: ForwardWorldModel | None = None) -> PolicyScores:
+        """Log-probs ``(N, S)`` and, with a ``reference``, the closed-form per-step KL ``(N, S)`` to it (with grad).
+
+        The KL of two Gaussian transitions with the same σ_t, averaged over dimensions as the log-prob is
+        (``gaussian_kl_same_std``): the k3 estimator on dimension-averaged log-probs would be ~``D`` times weaker.
+        """
+        mask = rollout.mask
+        zeros = torch.zeros(mask.shape, device=mask.device, dtype=torch.float32)
+        if not mask.any():  # greedy (η = 0) rollouts: nothing has a density, nothing to train
+            return PolicyScores(zeros, mask, None if reference is None else zeros)
+        mean, std, prev_sample = self.transition_means(rollout)
+        logp = zeros.masked_scatter(mask, gaussian_logprob(prev_sample, mean, std).float())
+        kl = None
+        if reference is not None:
+            with torch.no_grad():
+                ref_mean, _, _ = reference.transition_means(rollout)
+            kl = zeros.masked_scatter(mask, gaussian_kl_same_std(mean, ref_mean, std).float())
+        return PolicyScores(logp, mask, kl)
 
     @torch.no_grad()
     def log_likelihood(

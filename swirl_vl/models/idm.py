@@ -118,8 +118,8 @@ class VLMIDM(InverseDynamicsModel):
     ) -> Rollout:
         """``N = B * num_samples`` actions, group-major, from one batched ``generate`` call.
 
-        ``x``, ``y``: ``(B, 3, H, W)`` in ``[0, 1]``. Old log-probs are temperature-1 model log-probs, as
-        ``rollout_logprobs`` computes them.
+        ``x``, ``y``: ``(B, 3, H, W)`` in ``[0, 1]``. Old log-probs are scored at the sampling ``temperature`` (greedy:
+        1), as ``rollout_logprobs`` scores them.
         """
         if greedy and num_samples != 1:
             raise ValueError(f"greedy decoding gives one action per pair; got num_samples={num_samples}")
@@ -145,12 +145,20 @@ class VLMIDM(InverseDynamicsModel):
         texts = [t.strip() for t in self.processor.tokenizer.batch_decode(completion, skip_special_tokens=True)]
 
         context = _extend(_repeat_groups(prompt, batch, num_samples), completion, mask)
-        old_logprobs = self._completion_logprobs(context, completion.shape[1])
-        return Rollout(group_size=num_samples, old_logprobs=old_logprobs, mask=mask, texts=texts, context=context)
+        scored_temperature = 1.0 if greedy else temperature
+        old_logprobs = self._completion_logprobs(context, completion.shape[1], scored_temperature)
+        return Rollout(
+            group_size=num_samples,
+            old_logprobs=old_logprobs,
+            mask=mask,
+            texts=texts,
+            context=context,
+            temperature=scored_temperature,
+        )
 
     def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """Per-token log-probs ``(N, L)`` of the rollout's actions under the current weights (with grad), and mask."""
-        return self._completion_logprobs(rollout.context, rollout.mask.shape[1]), rollout.mask
+        return self._completion_logprobs(rollout.context, rollout.mask.shape[1], rollout.temperature), rollout.mask
 
     def _prompt_inputs(self, x: Tensor, y: Tensor) -> BatchFeature:
         """Processor outputs for ``B`` user turns ``[image x, image y, prompt]``, left-padded."""
@@ -171,14 +179,16 @@ class VLMIDM(InverseDynamicsModel):
         inputs = _extend(self._prompt_inputs(x, y), completion, mask)
         return self._completion_logprobs(inputs, length), mask
 
-    def _completion_logprobs(self, inputs: Mapping[str, Tensor], length: int) -> Tensor:
-        """``(N, L)`` log-probs of the last ``L = length`` tokens of ``inputs["input_ids"]``, temperature 1."""
+    def _completion_logprobs(self, inputs: Mapping[str, Tensor], length: int, temperature: float = 1.0) -> Tensor:
+        """``(N, L)`` log-probs of the last ``L = length`` tokens of ``inputs["input_ids"]``, logits / ``temperature``."""
         kwargs = dict(inputs)
         if not self._mrope:
             # As generate() does: positions count real tokens only, so left padding shifts nothing.
             kwargs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         # Logits at positions T-L-1 .. T-2 predict the L completion tokens; the last position predicts nothing.
         logits = self.model(**kwargs, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
+        if temperature != 1.0:
+            logits = logits / temperature
         return selective_log_softmax(logits, inputs["input_ids"][:, -length:])
 
     def _until_first_stop(self, completion: Tensor) -> Tensor:

@@ -161,8 +161,11 @@ class TokenFWM(ForwardWorldModel):
         y_tokens = self.code_token_ids[self.encode_images(y)]  # (B, L)
         return torch.cat([ids, y_tokens], 1), torch.cat([mask, torch.ones_like(y_tokens)], 1)
 
-    def code_logprobs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """``(N, L)`` log-probs, under the policy restricted to image codes, of the last ``L`` tokens of each row."""
+    def code_logprobs(self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0) -> Tensor:
+        """``(N, L)`` log-probs, under the policy restricted to image codes, of the last ``L`` tokens of each row.
+
+        ``temperature``: the logits are divided by it first (a rollout's sampling temperature; 1 for likelihoods).
+        """
         L = self.num_image_tokens
         # The same positions generate() uses for left-padded rows, so scoring matches sampling for any position code.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -173,7 +176,7 @@ class TokenFWM(ForwardWorldModel):
             logits_to_keep=L + 1,  # only the tail is scored: a real model's 200k-word head stays cheap
             use_cache=False,
         )
-        logits = out.logits[:, :-1, self.code_token_ids].float()  # (N, L, K): position t predicts token t + 1
+        logits = out.logits[:, :-1, self.code_token_ids].float() / temperature  # (N, L, K): t predicts t + 1
         targets = self.token_to_code[input_ids[:, -L:]]  # (N, L)
         return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
@@ -197,8 +200,9 @@ class TokenFWM(ForwardWorldModel):
     ) -> Rollout:
         """``G = num_samples`` next states per ``(x, z)``, rows group-major (row ``b*G + g``), in one ``generate``.
 
-        Returns images ``(B*G, 3, H, W)`` in ``[0, 1]``, ``old_logprobs`` / ``mask`` ``(B*G, L)`` and
-        ``context = {"input_ids", "attention_mask"}`` ``(B*G, T + L)``. ``greedy`` takes the argmax (``G = 1``).
+        Returns images ``(B*G, 3, H, W)`` in ``[0, 1]``, ``old_logprobs`` / ``mask`` ``(B*G, L)`` (at ``temperature``)
+        and ``context = {"input_ids", "attention_mask"}`` ``(B*G, T + L)``. ``greedy`` takes the argmax (``G = 1``;
+        scored at temperature 1).
         """
         if greedy and num_samples != 1:
             raise ValueError(f"greedy decoding is deterministic: use num_samples=1, not {num_samples}")
@@ -224,21 +228,23 @@ class TokenFWM(ForwardWorldModel):
         full_mask = torch.cat([mask, torch.ones_like(mask[:, :L])], 1)
         images = self.decode_codes(self.token_to_code[sequences[:, -L:]])
         context = {"input_ids": sequences, "attention_mask": full_mask}
+        scored_temperature = 1.0 if greedy else temperature
         # Scored by the same function as in the update, so the GRPO ratio is exactly 1 before the first step.
-        old_logprobs = self.code_logprobs(sequences, full_mask)
+        old_logprobs = self.code_logprobs(sequences, full_mask, scored_temperature)
         return Rollout(
             group_size=num_samples,
             old_logprobs=old_logprobs,
             mask=torch.ones_like(old_logprobs, dtype=torch.bool),
             images=images,
             context=context,
+            temperature=scored_temperature,
         )
 
     @override
     def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """Log-probs ``(N, L)`` of the rollout's code tokens under the current weights (with grad), and the mask."""
-        logp = self.code_logprobs(rollout.context["input_ids"], rollout.context["attention_mask"])
-        return logp, rollout.mask
+        ctx = rollout.context
+        return self.code_logprobs(ctx["input_ids"], ctx["attention_mask"], rollout.temperature), rollout.mask
 
     @override
     @torch.no_grad()

@@ -119,8 +119,11 @@ class TokenIDM(InverseDynamicsModel):
         ids = torch.cat([*bos, boi, x_tokens, eoi, boi, y_tokens, eoi], 1)
         return ids, torch.ones_like(ids)
 
-    def _completion_logprobs(self, input_ids: Tensor, attention_mask: Tensor, length: int) -> Tensor:
-        """``(N, L)`` log-probs of the last ``L = length`` tokens of each row under the text-only policy."""
+    def _completion_logprobs(
+        self, input_ids: Tensor, attention_mask: Tensor, length: int, temperature: float = 1.0
+    ) -> Tensor:
+        """``(N, L)`` log-probs of the last ``L = length`` tokens of each row under the text-only policy, on logits
+        divided by ``temperature``."""
         # As generate() does: positions count real tokens only.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         out = self.lm(
@@ -132,6 +135,8 @@ class TokenIDM(InverseDynamicsModel):
         )
         logits = out.logits[:, :-1]  # (N, L, V): position t predicts token t + 1
         logits = logits.masked_fill(self.non_text[: logits.shape[-1]], float("-inf"))
+        if temperature != 1.0:
+            logits = logits / temperature
         return selective_log_softmax(logits, input_ids[:, -length:])
 
     def _answer_logprobs(self, x: Tensor, y: Tensor, z: list[str]) -> tuple[Tensor, Tensor]:
@@ -183,7 +188,7 @@ class TokenIDM(InverseDynamicsModel):
 
         ``x``, ``y``: ``(B, 3, H, W)`` in ``[0, 1]``. Returns texts, ``old_logprobs`` / ``mask`` ``(N, L)`` (tokens up
         to and including the first end-of-sequence) and ``context = {"input_ids", "attention_mask"}`` ``(N, P + L)``.
-        Old log-probs are temperature-1 log-probs of the text-only policy, as ``rollout_logprobs`` computes them.
+        Old log-probs are scored at the sampling ``temperature`` (greedy: 1), as ``rollout_logprobs`` scores them.
         """
         if greedy and num_samples != 1:
             raise ValueError(f"greedy decoding gives one action per pair; got num_samples={num_samples}")
@@ -210,11 +215,21 @@ class TokenIDM(InverseDynamicsModel):
             "input_ids": torch.cat([ids.repeat_interleave(num_samples, 0), completion], 1),
             "attention_mask": torch.cat([prompt_mask.repeat_interleave(num_samples, 0), mask.long()], 1),
         }
-        old_logprobs = self._completion_logprobs(context["input_ids"], context["attention_mask"], completion.shape[1])
-        return Rollout(group_size=num_samples, old_logprobs=old_logprobs, mask=mask, texts=texts, context=context)
+        scored_temperature = 1.0 if greedy else temperature
+        old_logprobs = self._completion_logprobs(
+            context["input_ids"], context["attention_mask"], completion.shape[1], scored_temperature
+        )
+        return Rollout(
+            group_size=num_samples,
+            old_logprobs=old_logprobs,
+            mask=mask,
+            texts=texts,
+            context=context,
+            temperature=scored_temperature,
+        )
 
     @override
     def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """Per-token log-probs ``(N, L)`` of the rollout's actions under the current weights (with grad), and mask."""
         ids, attention_mask = rollout.context["input_ids"], rollout.context["attention_mask"]
-        return self._completion_logprobs(ids, attention_mask, rollout.mask.shape[1]), rollout.mask
+        return self._completion_logprobs(ids, attention_mask, rollout.mask.shape[1], rollout.temperature), rollout.mask

@@ -155,3 +155,16 @@ def ddim_step_with_logprob(
     # The sample is data, not a function of the weights: only the mean carries the policy gradient.
     prev_sample = prev_sample.detach()
     return prev_sample, gaussian_logprob(prev_sample, mean, std)
+
+
+def gaussian_kl_same_std(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
+    """Closed-form ``KL(N(mean, σ²I) ‖ N(ref_mean, σ²I))`` per dimension, averaged as ``gaussian_logprob`` is.
+
+    ``‖mean − ref_mean‖² / (2σ²)`` over the ``D`` non-batch dimensions, divided by ``D``: ``(B, ...)`` → ``(B,)``.
+    Flow-GRPO's KL between two transitions of one sampler (same σ_t). The k3 estimator applied to the
+    dimension-averaged log-prob of one sample would instead give about ``KL / D²`` in value and a far weaker,
+    noisier gradient.
+    """
+    std = std.clamp(min=MIN_STD)
+    kl = (mean - ref_mean) ** 2 / (2 * std**2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))

@@ -82,7 +82,7 @@ class GRPOLoss:
     loss: Tensor
     """Scalar, token-level normalised (sum over valid tokens / their count)."""
     kl: Tensor
-    """Mean k3 KL over valid tokens (detached)."""
+    """Mean per-token KL estimate over valid tokens (detached)."""
     clip_frac: Tensor
     """Share of valid tokens whose ratio was clipped (detached)."""
 
@@ -93,11 +93,11 @@ def grpo_loss(
     advantages: Tensor,
     mask: Tensor,
     valid: Tensor | None = None,
-    ref_logp: Tensor | None = None,
+    kl: Tensor | None = None,
     beta: float = 0.04,
     clip_eps: float = 0.2,
 ) -> GRPOLoss:
-    """Clipped GRPO loss with k3 KL to the reference, normalised per token over all valid tokens.
+    """Clipped GRPO loss plus ``beta`` × a per-token KL to the reference, normalised per token over valid tokens.
 
     Args:
         logp: ``(N, L)`` current log-probs, with grad.
@@ -105,7 +105,8 @@ def grpo_loss(
         advantages: ``(N,)`` group-relative advantages.
         mask: ``(N, L)`` bool, real tokens / trainable steps.
         valid: ``(N,)`` bool, rows whose group carries signal; others leave both the policy and KL terms.
-        ref_logp: ``(N, L)`` reference-policy log-probs, or None for no KL term.
+        kl: ``(N, L)`` per-token KL estimate with grad (``k3_kl`` for tokens, the closed form for diffusion
+            steps), or None for no KL term. Positions off the mask are ignored, whatever they hold.
     """
     assert logp.shape == old_logp.shape == mask.shape, (logp.shape, old_logp.shape, mask.shape)
     assert advantages.shape == (logp.shape[0],), advantages.shape
@@ -113,10 +114,13 @@ def grpo_loss(
     if valid is not None:
         m = m & valid.bool()[:, None]
     per_token = clipped_surrogate(logp, old_logp.detach(), advantages.detach().to(logp.dtype), m, clip_eps)
-    kl = torch.zeros_like(logp)
-    if ref_logp is not None and beta != 0.0:
-        kl = k3_kl(logp, ref_logp.detach(), m)
-        per_token = per_token + beta * kl
+    if kl is None:
+        kl = torch.zeros_like(logp)
+    else:
+        assert kl.shape == logp.shape, (kl.shape, logp.shape)
+        kl = torch.where(m, kl, torch.zeros_like(kl))  # where, not *: an inf off the mask must not reach the grad
+        if beta != 0.0:
+            per_token = per_token + beta * kl
     n = m.sum().clamp(min=1)
     # Multiplying by the mask (rather than indexing) keeps every parameter in the graph, so a step with
     # no valid token still gives zero grads instead of none (DDP expects the same graph on every rank).

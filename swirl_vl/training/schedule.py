@@ -87,12 +87,12 @@ class SwirlSchedule(Callback):
             rank_zero_info(
                 f"[swirl] resuming in {self.stage} (iteration {self.iteration}) at step {self.step_in_phase}"
             )
-        self._enter(pl_module, refresh_reference=not self._resumed)
+        self._enter(pl_module, refresh_reference=not self._resumed, starting=self.step_in_phase == 0)
         self._skip_empty_phases(trainer, pl_module)
 
-    def _enter(self, module: SwirlModule, refresh_reference: bool) -> None:
+    def _enter(self, module: SwirlModule, refresh_reference: bool, starting: bool) -> None:
         if self.stage != DONE:
-            module.enter_stage(self.stage, self.iteration, refresh_reference, self._steps(self.stage))
+            module.enter_stage(self.stage, self.iteration, refresh_reference, self._steps(self.stage), starting)
             if refresh_reference is False and self.stage != "sft":
                 which = "fwm" if self.stage == "phase1" else "idm"
                 if getattr(module, f"{which}_ref") is None:
@@ -149,7 +149,7 @@ class SwirlSchedule(Callback):
             label = "sft" if finished == "sft" else f"iteration_{iteration + 1}"
             self._evaluate(trainer, module, label)
         refresh = module.hparams.reference == "iteration" or (finished == "sft")
-        self._enter(module, refresh_reference=refresh)
+        self._enter(module, refresh_reference=refresh, starting=True)
 
     def _evaluate(self, trainer: Trainer, module: SwirlModule, label: str) -> None:
         datamodule = trainer.datamodule

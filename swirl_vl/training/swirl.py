@@ -71,6 +71,7 @@ class SwirlModule(LightningModule):
         sft_fwm_steps: int | None = None,
         rl_lr_schedule: LRSchedule = "constant",
         rl_warmup_steps: int = 0,
+        fresh_rl_optimizer: bool = True,
     ) -> None:
         """
         Args:
@@ -83,7 +84,7 @@ class SwirlModule(LightningModule):
             clip_eps: PPO ratio clip ε.
             min_label_logprob: Phase I keeps a pair only when the frozen IDM's greedy label has mean token
                 log-prob ≥ this (paper: -2.0).
-            reward_floor: Phase I rewards are clamped below at this value (paper: -10).
+            reward_floor: rewards of both phases are clamped below at this value (paper code: -10).
             rl_batch_size: pairs per GRPO step, per device (default: the unlabelled loader's batch size);
                 each step makes ``rl_batch_size × G`` rollouts.
             fwm_generation: sampling keyword arguments for FWM rollouts (token FWM: ``temperature``,
@@ -117,6 +118,9 @@ class SwirlModule(LightningModule):
             rl_lr_schedule: learning rate over each RL phase: ``constant``, or ``cosine`` decay to 5% of the phase's
                 rate (``fwm_rl_lr`` / ``idm_rl_lr``) at its last step (the paper's code decays within GRPO).
             rl_warmup_steps: linear warm-up at the start of each RL phase, in steps.
+            fresh_rl_optimizer: clear the training model's optimiser state (AdamW moments and step count) at the start
+                of each RL phase, as the paper's code starts GRPO with a new optimiser: moments left by SFT or by the
+                previous phase would otherwise steer the first updates. A run resumed mid-phase keeps its state.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["fwm", "idm"])
@@ -159,10 +163,13 @@ class SwirlModule(LightningModule):
 
     # ---------------------------------------------------------------- stage control (driven by SwirlSchedule)
 
-    def enter_stage(self, stage: str, iteration: int, refresh_reference: bool, num_steps: int = 0) -> None:
+    def enter_stage(
+        self, stage: str, iteration: int, refresh_reference: bool, num_steps: int = 0, starting: bool = False
+    ) -> None:
         """Freeze the model that does not train in ``stage`` (eval mode, no grads) and unfreeze the other.
 
-        ``num_steps``: the stage's length, which its learning-rate schedule spans.
+        ``num_steps``: the stage's length, which its learning-rate schedule spans. ``starting``: the stage begins now
+        (not a resume into its middle): with ``fresh_rl_optimizer`` an RL phase then starts from empty optimiser state.
         """
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -175,8 +182,19 @@ class SwirlModule(LightningModule):
             module.train(name in trains)
             for p in module.model.parameters():
                 p.requires_grad_(id(p) in on)
+                if id(p) not in on:
+                    p.grad = None  # a frozen model keeps no stale gradient (nor its memory)
         if refresh_reference and stage != "sft":
             self.refresh_reference(trains[0])
+        if starting and stage != "sft" and self.hparams.fresh_rl_optimizer:
+            self.reset_optimizer_state(trains[0])
+
+    def reset_optimizer_state(self, which: Literal["fwm", "idm"]) -> None:
+        """Forget ``which``'s optimiser state (moments, step counts); the next step starts it afresh."""
+        if self._trainer is None or not self.trainer.optimizers:
+            return  # no optimiser yet: it will start empty anyway
+        opt = self.trainer.optimizers[("fwm", "idm").index(which)]
+        opt.state.clear()
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         """What trains in ``stage``: with LoRA, the base in SFT and the policy's own adapter in its phase."""
@@ -357,6 +375,7 @@ class SwirlModule(LightningModule):
             rollout = self.idm.model.sample(x, y, num_samples=g, **(self.hparams.idm_generation or {}))
             x_rep, y_rep = x.repeat_interleave(g, 0), y.repeat_interleave(g, 0)
             rewards = self.fwm.model.log_likelihood(x_rep, rollout.texts, y_rep, group_size=g)
+            rewards = rewards.clamp(min=self.hparams.reward_floor)
         self.update(self.idm.model, self.idm_ref, rollout, rewards, opt, self.hparams.idm_beta, "phase2")
         if self._should_log_rollouts():
             lines = [f"`{t}` reward {r:.3f}" for t, r in zip(rollout.texts[: 2 * g], rewards[: 2 * g].tolist())]
@@ -375,19 +394,15 @@ class SwirlModule(LightningModule):
         """One GRPO step of ``policy`` on ``rollout`` scored by ``rewards (N,)``; logs the phase's scalars."""
         assert rewards.shape == (rollout.num_samples,), (rewards.shape, rollout.num_samples)
         adv = group_advantages(rewards, rollout.group_size, scale=self.hparams.scale_advantages)
-        logp, mask = policy.rollout_logprobs(rollout)
-        assert logp.shape == rollout.old_logprobs.shape, (logp.shape, rollout.old_logprobs.shape)
-        ref_logp = None
-        if reference is not None and beta > 0:
-            with torch.no_grad():
-                ref_logp, _ = reference.rollout_logprobs(rollout)
+        scores = policy.policy_scores(rollout, reference if beta > 0 else None)
+        assert scores.logp.shape == rollout.old_logprobs.shape, (scores.logp.shape, rollout.old_logprobs.shape)
         out = grpo_loss(
-            logp,
+            scores.logp,
             rollout.old_logprobs,
-            adv.advantages.to(logp.device),
-            mask,
+            adv.advantages.to(scores.logp.device),
+            scores.mask,
             adv.valid,
-            ref_logp,
+            scores.kl,
             beta,
             self.hparams.clip_eps,
         )

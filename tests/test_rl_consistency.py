@@ -1,0 +1,111 @@
+"""What GRPO needs from the policies and the loop: log-probs of the sampled policy, fresh optimiser state per phase."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sprite_oracles import sprite_pairs
+
+from swirl_vl.models.diffusion_fwm import DiffusionFWM
+from swirl_vl.models.idm import VLMIDM
+from swirl_vl.models.tiny_diffusion import build_tiny_instruct_pix2pix
+from swirl_vl.models.token_fwm import TokenFWM
+from swirl_vl.training import FWMModule, IDMModule, SwirlModule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rl")
+    VLMIDM(str(root / "llava"), build_tiny="llava")
+    TokenFWM(str(root / "token"), build_tiny=True)
+    build_tiny_instruct_pix2pix(root / "diffusion")
+    return {"llava": root / "llava", "token": root / "token", "diffusion": root / "diffusion"}
+
+
+def test_sampled_token_frequencies_match_exp_logp_at_the_sampling_temperature(folders: dict[str, Path]) -> None:
+    idm = VLMIDM.from_pretrained(folders["llava"]).eval()
+    x, y, _ = sprite_pairs(1)
+    n, temperature = 3000, 0.4
+    torch.manual_seed(0)
+    # One token per sample, no truncation (top_k = the vocabulary): the sampler's law is softmax(logits / T).
+    rollout = idm.sample(x, y, num_samples=n, temperature=temperature, top_k=0, max_new_tokens=1)
+    first = rollout.context["input_ids"][:, -1].tolist()
+    counts = Counter(first)
+    token_prob = {t: float(rollout.old_logprobs[i, 0].exp()) for i, t in enumerate(first)}
+    assert rollout.temperature == temperature
+    for token, count in counts.most_common(3):
+        p = token_prob[token]
+        assert abs(count / n - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (token, count / n, p)
+    # At temperature 1 the same tokens would be scored as far less likely: the check can fail.
+    top = counts.most_common(1)[0][0]
+    rescored = idm._completion_logprobs(rollout.context, 1, 1.0)[first.index(top), 0].exp().item()
+    assert abs(counts[top] / n - rescored) > 10 * (rescored / n) ** 0.5
+    # rollout_logprobs scores at the rollout's temperature: the GRPO ratio is 1 before an update.
+    logp, _ = idm.rollout_logprobs(rollout)
+    torch.testing.assert_close(logp, rollout.old_logprobs)
+
+
+def test_token_fwm_scores_rollouts_at_their_temperature(folders: dict[str, Path]) -> None:
+    fwm = TokenFWM.from_pretrained(folders["token"]).eval()
+    x, _, z = sprite_pairs(2)
+    torch.manual_seed(0)
+    rollout = fwm.sample(x, z, num_samples=2, temperature=0.5, top_p=1.0)
+    assert rollout.temperature == 0.5
+    logp, _ = fwm.rollout_logprobs(rollout)
+    torch.testing.assert_close(logp, rollout.old_logprobs)
+    at_one = fwm.code_logprobs(rollout.context["input_ids"], rollout.context["attention_mask"])
+    ids, mask = rollout.context["input_ids"], rollout.context["attention_mask"]
+    logits = fwm.lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    direct = torch.log_softmax(logits[:, -fwm.num_image_tokens - 1 : -1, fwm.code_token_ids] / 0.5, dim=-1)
+    codes = fwm.token_to_code[rollout.context["input_ids"][:, -fwm.num_image_tokens :]]
+    torch.testing.assert_close(logp, direct.gather(-1, codes[..., None]).squeeze(-1), rtol=1e-4, atol=1e-4)
+    assert (logp - at_one).abs().max() > 1e-3
+
+
+def _module(folders: dict[str, Path], **kwargs) -> tuple[SwirlModule, list[torch.optim.Optimizer]]:
+    torch.manual_seed(0)
+    fwm = FWMModule(DiffusionFWM(str(folders["diffusion"]), num_inference_steps=3))
+    idm = IDMModule(VLMIDM.from_pretrained(folders["llava"]))
+    module = SwirlModule(fwm, idm, fwm_group_size=2, idm_group_size=2, **kwargs)
+    optimizers = module.configure_optimizers()
+    module._trainer = SimpleNamespace(optimizers=optimizers)  # what reset_optimizer_state reads of a Trainer
+    return module, optimizers
+
+
+def _sft_step(module: SwirlModule, optimizers: list[torch.optim.Optimizer]) -> None:
+    x, y, z = sprite_pairs(2)
+    (module.fwm.model.sft_loss(x, z, y) + module.idm.model.sft_loss(x, y, z)).backward()
+    for opt in optimizers:
+        opt.step()
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_each_rl_phase_starts_with_fresh_optimiser_state(folders: dict[str, Path], fresh: bool) -> None:
+    module, (fwm_opt, idm_opt) = _module(folders, fresh_rl_optimizer=fresh)
+    module.enter_stage("sft", 0, refresh_reference=True, num_steps=1, starting=True)
+    _sft_step(module, [fwm_opt, idm_opt])
+    assert len(fwm_opt.state) > 0 and len(idm_opt.state) > 0
+
+    module.enter_stage("phase1", 0, refresh_reference=True, num_steps=1, starting=True)
+    assert (len(fwm_opt.state) == 0) is fresh  # the training model's moments and step count start afresh
+    assert len(idm_opt.state) > 0  # the frozen model's are left for its own phase
+    assert all(p.grad is None for p in module.idm.model.parameters())  # and it holds no stale gradient
+    if fresh:
+        x, _, z = sprite_pairs(2)
+        fwm_opt.zero_grad()
+        module.fwm.model.sft_loss(x, z, x).backward()
+        fwm_opt.step()
+        beta1 = fwm_opt.param_groups[0]["betas"][0]
+        p = next(p for p in module.fwm.model.parameters() if p.grad is not None)
+        torch.testing.assert_close(fwm_opt.state[p]["exp_avg"], (1 - beta1) * p.grad)
+        assert float(fwm_opt.state[p]["step"]) == 1
+
+    # Resuming into the middle of a phase keeps the optimiser state the checkpoint restored.
+    module.enter_stage("phase2", 0, refresh_reference=True, num_steps=1, starting=False)
+    assert len(idm_opt.state) > 0
