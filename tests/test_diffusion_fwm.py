@@ -35,7 +35,7 @@ def images(b: int, seed: int = 0) -> torch.Tensor:
 
 def test_tiny_folder_has_the_instruct_pix2pix_layout_and_loads_with_plain_classes(tiny_path: Path) -> None:
     index = json.loads((tiny_path / "model_index.json").read_text())
-    assert index["_class_name"] == "StableDiffusionInstructPix2PixPipeline"
+    assert index["_class_name"] == "DiffusionFWM" and index["_space"] == "pixel"  # no VAE: no diffusers pipeline
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == [None, None]
     assert (tiny_path / "tokenizer" / "vocab.json").exists() and (tiny_path / "tokenizer" / "merges.txt").exists()
     unet = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet")
@@ -152,9 +152,7 @@ def test_save_pretrained_round_trip(fwm: DiffusionFWM, tmp_path: Path) -> None:
     with torch.no_grad():
         fwm.unet.conv_out.bias.add_(0.1)  # not the weights on disk any more
     fwm.save_pretrained(tmp_path / "saved")
-    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["_class_name"] == (
-        "StableDiffusionInstructPix2PixPipeline"
-    )
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["_class_name"] == "DiffusionFWM"
     loaded = DiffusionFWM.from_pretrained(tmp_path / "saved")
     assert fwm.state_dict().keys() == loaded.state_dict().keys()
     for name, p in fwm.state_dict().items():

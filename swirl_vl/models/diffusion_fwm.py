@@ -36,6 +36,11 @@ from swirl_vl.rl.ddim import (
 from swirl_vl.rl.guidance import dual_guidance
 
 
+def guidance_on(text_scale: float, image_scale: float) -> bool:
+    """Whether sampling guides: diffusers' ``StableDiffusionInstructPix2PixPipeline`` rule, kept for parity."""
+    return text_scale > 1.0 and image_scale >= 1.0
+
+
 @dataclass
 class ConditioningDropout:
     """Share of SFT examples trained without their conditionings (InstructPix2Pix: 5% each), so that guidance has
@@ -75,8 +80,9 @@ class DiffusionFWM(ForwardWorldModel):
             drawn at random per rollout row.
         elbo_draws: ``(t, ε)`` draws per pair in ``log_likelihood`` (stratified over ``t``).
         image_size: side of the square images the model works on (pixels); the tiny build's ``sample_size``.
-        guidance_scale: text guidance ``s_T`` of sampling (greedy and rollouts; diffusers' default 7.5). With
-            ``image_guidance_scale`` both 1, guidance is off and each step is one UNet pass instead of three.
+        guidance_scale: text guidance ``s_T`` of sampling (greedy and rollouts; diffusers' default 7.5). As in
+            diffusers' pipeline, guidance is on only when it is > 1 and ``image_guidance_scale`` ≥ 1; off, each step
+            is one UNet pass instead of three.
         image_guidance_scale: image guidance ``s_I`` of sampling (diffusers' default 1.5).
         conditioning_dropout: shares of SFT examples without instruction, without source image, without both.
     """
@@ -142,7 +148,8 @@ class DiffusionFWM(ForwardWorldModel):
         return [] if error is None else [str(error)]
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the diffusers folder (same layout as the one loaded; ``model_index.json`` names the pipeline)."""
+        """Write the diffusers folder in the layout loaded (a latent-space folder's ``model_index.json`` names the
+        InstructPix2Pix pipeline, which loads it; a pixel-space one names no pipeline)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.unet.save_pretrained(path / "unet")
@@ -211,10 +218,11 @@ class DiffusionFWM(ForwardWorldModel):
     ) -> Tensor:
         """Dual-guided UNet output ``(B, C, h, w)``: the three branches in one UNet batch, as the diffusers pipeline.
 
-        ``scales = (text, image)``; ``(1, 1)`` is the conditional output alone (one branch).
+        ``scales = (text, image)``. As the pipeline's ``do_classifier_free_guidance``, guidance is on only when
+        ``text > 1`` and ``image ≥ 1``; otherwise the conditional output alone (one branch, a third of the cost).
         """
         text_scale, image_scale = scales
-        if text_scale == 1.0 and image_scale == 1.0:
+        if not guidance_on(text_scale, image_scale):
             return self._predict(latents, source, text, t)
         null = self._null_text().expand_as(text)
         t3 = t.repeat(3) if torch.is_tensor(t) and t.ndim == 1 else t

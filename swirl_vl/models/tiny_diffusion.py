@@ -2,9 +2,13 @@
 
 The folder has the layout of ``timbrooks/instruct-pix2pix`` (``model_index.json``, ``unet/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``) minus ``vae/``: the tiny model denoises pixels, so ``DiffusionFWM`` reads it
-through exactly the code path of a real checkpoint. Nothing is downloaded: the CLIP tokenizer's ``vocab.json`` and
-``merges.txt`` are learnt here from the sprite-world words over CLIP's byte-level alphabet, so any other text still
-tokenizes (into characters).
+through exactly the code path of a real checkpoint. No diffusers pipeline works without a VAE, so its
+``model_index.json`` names ``DiffusionFWM``. ``latent=True`` builds the full latent-space layout instead (a tiny
+``AutoencoderKL`` in ``vae/``, Stable Diffusion's ε-prediction schedule as DDIM), which
+``StableDiffusionInstructPix2PixPipeline.from_pretrained`` loads as it is (``tests/test_diffusion_parity.py``).
+
+Nothing is downloaded: the CLIP tokenizer's ``vocab.json`` and ``merges.txt`` are learnt here from the sprite-world
+words over CLIP's byte-level alphabet, so any other text still tokenizes (into characters).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -35,6 +39,10 @@ SPRITE_WORDS = (
 """Words of the sprite-world action grammar (plus a few fillers): each becomes one token."""
 
 PIPELINE_CLASS = "StableDiffusionInstructPix2PixPipeline"
+"""``_class_name`` of a latent-space folder: the diffusers pipeline that loads it."""
+
+PIXEL_CLASS = "DiffusionFWM"
+"""``_class_name`` of a pixel-space folder: no diffusers pipeline works without a VAE, only ``DiffusionFWM``."""
 
 
 def _train_merges(words: list[str]) -> list[tuple[str, str]]:
@@ -112,25 +120,62 @@ def tiny_scheduler() -> DDIMScheduler:
     )
 
 
+def latent_scheduler() -> DDIMScheduler:
+    """Stable Diffusion's ε-prediction schedule (the β's of ``timbrooks/instruct-pix2pix``) as DDIM, set as
+    diffusers' SD DDIM configs are: no x̂_0 clipping (latents are unbounded), final ᾱ = ᾱ_0, steps offset 1."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
 def write_model_index(path: Path, has_vae: bool) -> None:
-    """``model_index.json`` naming the InstructPix2Pix pipeline and each component's library and class."""
-    index = {
-        "_class_name": PIPELINE_CLASS,
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
+    """``model_index.json`` with each component's library and class.
+
+    With a VAE it names the InstructPix2Pix pipeline (as the real folder does, no safety checker). Without one it
+    names ``DiffusionFWM``: ``StableDiffusionInstructPix2PixPipeline`` needs a VAE, so claiming it would only make
+    ``DiffusionPipeline.from_pretrained`` fail later and more obscurely.
+    """
+    components = {
         "scheduler": ["diffusers", "DDIMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"] if has_vae else [None, None],
     }
+    if has_vae:
+        index = {
+            "_class_name": PIPELINE_CLASS,
+            "_diffusers_version": diffusers.__version__,
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            **components,
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+    else:
+        # Underscored keys are metadata to diffusers; "_space" says why no pipeline is named.
+        index = {
+            "_class_name": PIXEL_CLASS,
+            "_diffusers_version": diffusers.__version__,
+            "_space": "pixel",
+            **components,
+            "vae": [None, None],
+        }
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def build_instruct_pix2pix_folder(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
-    """Write the tiny model to ``path`` (created; existing files are overwritten) and return it."""
+def build_instruct_pix2pix_folder(path: str | Path, seed: int = 0, image_size: int = 32, latent: bool = False) -> Path:
+    """Write the tiny model to ``path`` (created; existing files are overwritten) and return it.
+
+    ``latent``: the latent-space layout (``vae/``, 8-in / 4-out UNet on ``image_size / 4`` latents, ε-prediction
+    DDIM) that ``StableDiffusionInstructPix2PixPipeline`` loads; otherwise the pixel-space model.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _write_tokenizer(path / "tokenizer")
@@ -138,11 +183,22 @@ def build_instruct_pix2pix_folder(path: str | Path, seed: int = 0, image_size: i
     # fork_rng: seeding must not disturb the caller's global random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder, unet = _tiny_text_encoder(tokenizer), _tiny_unet(image_size)
+        text_encoder = _tiny_text_encoder(tokenizer)
+        if latent:
+            vae = _tiny_vae(image_size)
+            factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the pipeline's vae_scale_factor
+            if image_size % factor:
+                raise ValueError(f"image_size={image_size} must be a multiple of the VAE's scale factor {factor}")
+            latent_channels = vae.config.latent_channels
+            unet = _tiny_unet(image_size // factor, 2 * latent_channels, latent_channels)
+        else:
+            unet = _tiny_unet(image_size)
     text_encoder.save_pretrained(path / "text_encoder")
     unet.save_pretrained(path / "unet")
-    tiny_scheduler().save_pretrained(path / "scheduler")
-    write_model_index(path, has_vae=False)
+    (latent_scheduler() if latent else tiny_scheduler()).save_pretrained(path / "scheduler")
+    if latent:
+        vae.save_pretrained(path / "vae")
+    write_model_index(path, has_vae=latent)
     return path
 
 
@@ -162,13 +218,26 @@ def _tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     )
 
 
-def _tiny_unet(image_size: int) -> UNet2DConditionModel:
-    # Attention only at the coarsest level (image_size / 4): self-attention there already sees the whole canvas
+def _tiny_vae(image_size: int) -> AutoencoderKL:
+    """Three levels (scale factor 4: 32 px → 8×8 latents), 4 latent channels, SD's scaling factor (the default)."""
+    return AutoencoderKL(
+        sample_size=image_size,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+
+
+def _tiny_unet(sample_size: int, in_channels: int = 6, out_channels: int = 3) -> UNet2DConditionModel:
+    # Attention only at the coarsest level (sample_size / 4): self-attention there already sees the whole canvas
     # (an object can move anywhere), and on CPU attention at finer levels costs more than all the convolutions.
     return UNet2DConditionModel(
-        sample_size=image_size,
-        in_channels=6,  # noisy target (3) ‖ source image (3), as InstructPix2Pix
-        out_channels=3,
+        sample_size=sample_size,
+        # noisy target ‖ source image, as InstructPix2Pix: 3 + 3 pixels, or 4 + 4 latent channels
+        in_channels=in_channels,
+        out_channels=out_channels,
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         block_out_channels=(16, 32, 64),
@@ -179,14 +248,17 @@ def _tiny_unet(image_size: int) -> UNet2DConditionModel:
     )
 
 
-def build_tiny_instruct_pix2pix(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
-    """Build the tiny model in a temporary sibling folder, then rename it to ``path`` (never half-written)."""
+def build_tiny_instruct_pix2pix(path: str | Path, seed: int = 0, image_size: int = 32, latent: bool = False) -> Path:
+    """Build the tiny model in a temporary sibling folder, then rename it to ``path`` (never half-written).
+
+    ``latent``: see ``build_instruct_pix2pix_folder``.
+    """
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"'{path}' exists; build_tiny_instruct_pix2pix never overwrites a model folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.building-{uuid.uuid4().hex}"
-    build_instruct_pix2pix_folder(tmp, seed=seed, image_size=image_size)
+    build_instruct_pix2pix_folder(tmp, seed=seed, image_size=image_size, latent=latent)
     try:
         tmp.rename(path)
     except OSError:
