@@ -20,7 +20,9 @@ from pathlib import Path
 from harness import METRICS, REPO, Arm, print_table, run_seed, summarise, write_json
 
 
-def arms(iterations: int, p1: int, p2: int, sft_steps: int) -> list[Arm]:
+def arms(iterations: int, p1: int, p2: int, sft_steps: int, sft_only_steps: int | None = None) -> list[Arm]:
+    """The arms; SFT-only continues for ``sft_only_steps`` labelled batches (default: SWIRL's number of updates)."""
+
     def schedule(iters: int, phase1_steps: int, phase2_steps: int, sft: int = 0) -> list[str]:
         return ["--schedule.sft_steps", str(sft), "--schedule.iterations", str(iters)] + [
             "--schedule.phase1_steps",
@@ -31,7 +33,10 @@ def arms(iterations: int, p1: int, p2: int, sft_steps: int) -> list[Arm]:
 
     bootstrap = ["--model.init_args.phase1", "bootstrap", "--model.init_args.fwm_rl_lr", "null"]
     return [
-        Arm("sft_only", ["--schedule.sft_steps", str(iterations * (p1 + p2)), "--schedule.iterations", "0"]),
+        Arm(
+            "sft_only",
+            ["--schedule.sft_steps", str(sft_only_steps or iterations * (p1 + p2)), "--schedule.iterations", "0"],
+        ),
         Arm("bootstrap", [*schedule(iterations, p1 + p2, 0), *bootstrap]),
         Arm("swirl_phase1", schedule(1, iterations * p1, 0)),
         Arm("swirl", schedule(iterations, p1, p2)),
@@ -51,6 +56,13 @@ def parser(doc: str, out: str) -> argparse.ArgumentParser:
     for key in ("sft_steps", "iterations", "phase1_steps", "phase2_steps"):
         flag = "--" + key.replace("_", "-")
         p.add_argument(flag, type=int, default=None, help=f"default: the config's schedule.{key}")
+    p.add_argument(
+        "--sft-only-steps",
+        type=int,
+        default=None,
+        help="labelled batches of the SFT-only arm (default: SWIRL's updates, iterations × (phase1 + phase2)); more "
+        "than SWIRL's checks that SFT is saturated, i.e. that SWIRL is compared in the regime it is for",
+    )
     p.add_argument("--jobs", type=int, default=2, help="arms run side by side, one thread each")
     p.add_argument("--arms", nargs="+", default=None, help="run only these arms (default: all)")
     p.add_argument(
@@ -69,7 +81,7 @@ def main(select: list[str] | None = None, doc: str = __doc__, out: str = "ablati
     for key in schedule:
         if getattr(a, key) is None:
             setattr(a, key, schedule[key])
-    every = arms(a.iterations, a.phase1_steps, a.phase2_steps, a.sft_steps)
+    every = arms(a.iterations, a.phase1_steps, a.phase2_steps, a.sft_steps, a.sft_only_steps)
     select = select or a.arms
     chosen = [arm for arm in every if select is None or arm.name in select]
     names = ["sft", *(n for arm in chosen for n in ([f"{arm.name}@sft"] if arm.config else []) + [arm.name])]

@@ -120,3 +120,36 @@ def test_conditioning_dropout_shares_and_sft_without_conditioning(tiny_path: Pat
     torch.manual_seed(0)
     d = fwm.sft_loss(images(2, seed=5), ["remove the green triangle"] * 2, y)
     assert (c - d).abs() > 1e-6
+
+
+def test_nft_optimality_and_loss_gradient_is_advantage_weighted_denoising() -> None:
+    from swirl_vl.rl.nft import nft_loss, optimality
+
+    assert_close(optimality(torch.tensor([-10.0, -2.5, 0.0, 5.0]), 5.0), torch.tensor([0.0, 0.25, 0.5, 1.0]))
+    g = torch.Generator().manual_seed(0)
+    x0, pred = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g).requires_grad_()
+    r = torch.tensor([1.0, 0.5, 0.0])
+    nft_loss(pred, pred.detach(), x0, r, beta=0.5).sum().backward()
+    # On-policy (old = current): the gradient is (2r − 1) × that of the adaptively weighted denoising error.
+    weight = (pred.detach() - x0).abs().mean(dim=(1, 2, 3), keepdim=True)
+    expected = (2 * r - 1).view(3, 1, 1, 1) * 2 * (pred.detach() - x0) / weight / x0[0].numel()
+    assert_close(pred.grad, expected)
+    assert pred.grad[1].abs().max() < 1e-7  # no preference, no update (up to rounding)
+
+
+def test_forward_process_objective_trains_a_diffusion_fwm_only(tiny_path: Path) -> None:
+    from swirl_vl.models.token_fwm import TokenFWM
+    from swirl_vl.training.objectives import ForwardProcess
+
+    objective = ForwardProcess(nft_beta=1.0)
+    fwm = DiffusionFWM(str(tiny_path), num_inference_steps=3).eval()
+    torch.manual_seed(0)
+    rollout = fwm.sample(images(2), ACTIONS, num_samples=2, eta=0.0)  # any sampler: no step densities needed
+    rewards = torch.tensor([1.0, 0.0, 2.0, 2.0])  # the second group has no spread: left out
+    out = objective(fwm, copy.deepcopy(fwm), rollout, rewards, beta=0.1)
+    out.loss.backward()
+    assert out.advantages.valid.tolist() == [True, True, False, False]
+    assert torch.isfinite(out.loss) and out.kl == 0  # the reference is the policy itself
+    assert fwm.unet.conv_in.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="fwm_objective ForwardProcess needs a diffusion FWM"):
+        objective.check(TokenFWM.__new__(TokenFWM))

@@ -27,11 +27,13 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from swirl_vl.models.base import ForwardWorldModel, PolicyScores, Rollout, missing_checkpoint_error
 from swirl_vl.models.tiny_diffusion import build_tiny_instruct_pix2pix, write_model_index
 from swirl_vl.rl.ddim import (
+    ddim_alphas,
     ddim_step_mean_std,
     ddim_step_with_logprob,
     default_prev_timestep,
     gaussian_kl_same_std,
     gaussian_logprob,
+    predicted_x0_eps,
 )
 from swirl_vl.rl.guidance import dual_guidance
 
@@ -397,6 +399,27 @@ class DiffusionFWM(ForwardWorldModel):
                 ref_mean, _, _ = reference.transition_means(rollout)
             kl = zeros.masked_scatter(mask, gaussian_kl_same_std(mean, ref_mean, std).float())
         return PolicyScores(logp, mask, kl)
+
+    def renoise_rollouts(self, rollout: Rollout, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Each rollout's clean sample noised again at a uniform random ``t`` (forward-process objectives).
+
+        Returns ``x0`` ``(N, C, h, w)`` (the rollouts' final samples in diffusion space, the regression target),
+        ``xt`` and ``t`` ``(N,)``, to be denoised by ``denoised_x0`` under the policy and its reference alike.
+        """
+        x0 = rollout.context["latents"][:, -1]
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        t = t.to(x0.device)
+        return {"x0": x0, "xt": self.scheduler.add_noise(x0, noise, t), "t": t}
+
+    def denoised_x0(self, rollout: Rollout, noised: dict[str, Tensor]) -> Tensor:
+        """``(N, C, h, w)`` the network's x_0 prediction at ``noised``'s ``(x_t, t)``, conditioned on the rollout's
+        source and instruction (no guidance: the conditional model is what trains); with grad."""
+        ctx, t = rollout.context, noised["t"]
+        output = self._predict(noised["xt"], ctx["source"], self._encode_text(ctx["input_ids"]), t)
+        alpha_t, _ = ddim_alphas(self.scheduler, t, t)
+        x0_pred, _ = predicted_x0_eps(self.scheduler, output, alpha_t.view(-1, 1, 1, 1), noised["xt"])
+        return x0_pred
 
     @torch.no_grad()
     def log_likelihood(

@@ -69,6 +69,32 @@ def gaussian_logprob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
+def predicted_x0_eps(
+    scheduler: DDIMScheduler, model_output: Tensor, alpha_t: Tensor, sample: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(x̂_0, ε̂)`` from the network's output at ``x_t`` (eq. 12), for any ``prediction_type``; ``alpha_t`` is ᾱ_t
+    broadcastable to ``sample``. x̂_0 is clipped or thresholded as upstream's ``step`` does (ε is not re-derived:
+    upstream's ``use_clipped_model_output=False``)."""
+    beta_t = 1 - alpha_t
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        pred_x0 = (sample - beta_t.sqrt() * model_output) / alpha_t.sqrt()
+        pred_eps = model_output
+    elif prediction_type == "sample":
+        pred_x0 = model_output
+        pred_eps = (sample - alpha_t.sqrt() * pred_x0) / beta_t.sqrt()
+    elif prediction_type == "v_prediction":
+        pred_x0 = alpha_t.sqrt() * sample - beta_t.sqrt() * model_output
+        pred_eps = alpha_t.sqrt() * model_output + beta_t.sqrt() * sample
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    if scheduler.config.thresholding:
+        pred_x0 = scheduler._threshold_sample(pred_x0)
+    elif scheduler.config.clip_sample:
+        pred_x0 = pred_x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    return pred_x0, pred_eps
+
+
 def ddim_step_mean_std(
     scheduler: DDIMScheduler,
     model_output: Tensor,
@@ -88,27 +114,9 @@ def ddim_step_mean_std(
     # 2. alphas and betas
     alpha_t, alpha_prev = ddim_alphas(scheduler, t, t_prev)
     alpha_t, alpha_prev = _left_broadcast(alpha_t, sample), _left_broadcast(alpha_prev, sample)
-    beta_t = 1 - alpha_t
 
-    # 3. predicted x_0 and ε (eq. 12), whatever the network predicts
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        pred_x0 = (sample - beta_t.sqrt() * model_output) / alpha_t.sqrt()
-        pred_eps = model_output
-    elif prediction_type == "sample":
-        pred_x0 = model_output
-        pred_eps = (sample - alpha_t.sqrt() * pred_x0) / beta_t.sqrt()
-    elif prediction_type == "v_prediction":
-        pred_x0 = alpha_t.sqrt() * sample - beta_t.sqrt() * model_output
-        pred_eps = alpha_t.sqrt() * model_output + beta_t.sqrt() * sample
-    else:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}")
-
-    # 4. clip or threshold x_0 as upstream does (ε is not re-derived: upstream's use_clipped_model_output=False)
-    if scheduler.config.thresholding:
-        pred_x0 = scheduler._threshold_sample(pred_x0)
-    elif scheduler.config.clip_sample:
-        pred_x0 = pred_x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    # 3.–4. predicted x_0 and ε (eq. 12), whatever the network predicts; x_0 clipped or thresholded as upstream
+    pred_x0, pred_eps = predicted_x0_eps(scheduler, model_output, alpha_t, sample)
 
     # 5. σ_t(η) (eq. 16)
     std = ddim_std(alpha_t, alpha_prev, eta)

@@ -207,8 +207,8 @@ def reference_logprobs(backend: nn.Module, rollout: Rollout) -> tuple[Tensor, Te
 class LoraReference:
     """Stands in for a frozen reference copy: the policy's scoring methods with its adapters disabled.
 
-    Serves what a policy's ``policy_scores`` asks of its reference: ``rollout_logprobs`` (token policies' k3 KL)
-    and ``transition_means`` (``DiffusionFWM``'s closed-form KL). Not an ``nn.Module``, so it adds nothing to
+    Serves what a policy's objective asks of its reference: ``rollout_logprobs`` (token policies' k3 KL),
+    ``transition_means`` (``DiffusionFWM``'s closed-form KL) and ``denoised_x0`` (the forward-process objective). Not an ``nn.Module``, so it adds nothing to
     state dicts or ``parameters()``.
     """
 
@@ -225,6 +225,13 @@ class LoraReference:
             raise TypeError(f"{type(self.policy).__name__} has no diffusion transitions")
         with base_weights(self.policy):
             return self.policy.transition_means(rollout)
+
+    def denoised_x0(self, rollout: Rollout, noised: dict[str, Tensor]) -> Tensor:
+        """``DiffusionFWM.denoised_x0`` under the base weights (no grad)."""
+        if not isinstance(self.policy, DiffusionFWM):
+            raise TypeError(f"{type(self.policy).__name__} has no denoiser")
+        with base_weights(self.policy):
+            return self.policy.denoised_x0(rollout, noised)
 
 
 def merged_state_dict(peft_model: PeftModel, adapter: str) -> dict[str, Tensor]:

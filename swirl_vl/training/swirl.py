@@ -23,10 +23,10 @@ from swirl_vl.eval.report import MetricTable
 from swirl_vl.models.base import Rollout
 from swirl_vl.models.token_fwm import TokenFWM
 from swirl_vl.models.token_idm import TokenIDM
-from swirl_vl.rl.grpo import group_advantages, grpo_loss
 from swirl_vl.training.images import log_texts, log_transitions
 from swirl_vl.training.lora import LoraReference, LoraSpec, adapter_parameters, add_lora
 from swirl_vl.training.lr import LRSchedule, lr_factor
+from swirl_vl.training.objectives import GRPO, PolicyObjective
 from swirl_vl.training.sft import FWMModule, IDMModule, finish_test_report, labelled_pairs
 
 STAGES = ("sft", "phase1", "phase2")
@@ -72,6 +72,7 @@ class SwirlModule(LightningModule):
         rl_lr_schedule: LRSchedule = "constant",
         rl_warmup_steps: int = 0,
         fresh_rl_optimizer: bool = True,
+        fwm_objective: PolicyObjective | None = None,
     ) -> None:
         """
         Args:
@@ -121,9 +122,12 @@ class SwirlModule(LightningModule):
             fresh_rl_optimizer: clear the training model's optimiser state (AdamW moments and step count) at the start
                 of each RL phase, as the paper's code starts GRPO with a new optimiser: moments left by SFT or by the
                 previous phase would otherwise steer the first updates. A run resumed mid-phase keeps its state.
+            fwm_objective: Phase I's objective, by ``class_path``: ``swirl_vl.training.objectives.GRPO`` (None: GRPO with
+                ``clip_eps`` and ``scale_advantages``) or ``swirl_vl.training.objectives.ForwardProcess`` (DiffusionNFT,
+                diffusion FWMs). Phase II always uses GRPO.
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["fwm", "idm"])
+        self.save_hyperparameters(ignore=["fwm", "idm", "fwm_objective"])
         for name, g in (("fwm_group_size", fwm_group_size), ("idm_group_size", idm_group_size)):
             if g < 2:
                 raise ValueError(f"--model.{name} must be ≥ 2 for group-relative advantages; got {g}")
@@ -153,6 +157,9 @@ class SwirlModule(LightningModule):
             add_lora(idm.model, lora, "idm", share_with=fwm.model if shared_base else None)
         self.fwm = fwm
         self.idm = idm
+        self.idm_objective: PolicyObjective = GRPO(clip_eps, scale_advantages)
+        self.fwm_objective: PolicyObjective = fwm_objective or self.idm_objective
+        self.fwm_objective.check(fwm.model)
         self.fwm_ref: nn.Module | None = None
         self.idm_ref: nn.Module | None = None
         self.stage: str = "sft"
@@ -360,7 +367,9 @@ class SwirlModule(LightningModule):
             rollout = self.fwm.model.sample(x, z, num_samples=g, **(self.hparams.fwm_generation or {}))
             x_rep, z_rep = x.repeat_interleave(g, 0), [a for a in z for _ in range(g)]
             rewards = self.idm.model.log_likelihood(x_rep, rollout.images, z_rep).clamp(min=self.hparams.reward_floor)
-        self.update(self.fwm.model, self.fwm_ref, rollout, rewards, opt, self.hparams.fwm_beta, "phase1")
+        self.update(
+            self.fwm_objective, self.fwm.model, self.fwm_ref, rollout, rewards, opt, self.hparams.fwm_beta, "phase1"
+        )
         if self._should_log_rollouts():
             k = min(4, len(z))
             ys = rollout.images.view(len(z), g, *rollout.images.shape[1:])[:k, : min(g, 4)]
@@ -376,13 +385,16 @@ class SwirlModule(LightningModule):
             x_rep, y_rep = x.repeat_interleave(g, 0), y.repeat_interleave(g, 0)
             rewards = self.fwm.model.log_likelihood(x_rep, rollout.texts, y_rep, group_size=g)
             rewards = rewards.clamp(min=self.hparams.reward_floor)
-        self.update(self.idm.model, self.idm_ref, rollout, rewards, opt, self.hparams.idm_beta, "phase2")
+        self.update(
+            self.idm_objective, self.idm.model, self.idm_ref, rollout, rewards, opt, self.hparams.idm_beta, "phase2"
+        )
         if self._should_log_rollouts():
             lines = [f"`{t}` reward {r:.3f}" for t, r in zip(rollout.texts[: 2 * g], rewards[: 2 * g].tolist())]
             log_texts(self.logger, "phase2/sampled_actions", lines, self.global_step)
 
     def update(
         self,
+        objective: PolicyObjective,
         policy: nn.Module,
         reference: nn.Module | None,
         rollout: Rollout,
@@ -391,21 +403,10 @@ class SwirlModule(LightningModule):
         beta: float,
         prefix: str,
     ) -> None:
-        """One GRPO step of ``policy`` on ``rollout`` scored by ``rewards (N,)``; logs the phase's scalars."""
+        """One step of ``policy`` on ``rollout`` scored by ``rewards (N,)`` under ``objective``; logs the phase's scalars."""
         assert rewards.shape == (rollout.num_samples,), (rewards.shape, rollout.num_samples)
-        adv = group_advantages(rewards, rollout.group_size, scale=self.hparams.scale_advantages)
-        scores = policy.policy_scores(rollout, reference if beta > 0 else None)
-        assert scores.logp.shape == rollout.old_logprobs.shape, (scores.logp.shape, rollout.old_logprobs.shape)
-        out = grpo_loss(
-            scores.logp,
-            rollout.old_logprobs,
-            adv.advantages.to(scores.logp.device),
-            scores.mask,
-            adv.valid,
-            scores.kl,
-            beta,
-            self.hparams.clip_eps,
-        )
+        out = objective(policy, reference, rollout, rewards, beta)
+        adv = out.advantages
         self._step(opt, out.loss)
         finite = rewards[torch.isfinite(rewards)].float()
         n = rollout.num_samples
