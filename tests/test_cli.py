@@ -302,3 +302,30 @@ def test_sft_fwm_steps_stops_the_fwm_while_the_idm_trains_on(tmp_path, sprite_ro
         before = load_file(tmp_path / "models" / name / "model.safetensors")
         after = load_file(sft / name / "model.safetensors")
         assert any(not torch.equal(before[k], after[k]) for k in before) == trained, name
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["--model.init_args.lora.r", "4", "--model.init_args.fwm.init_args.model.init_args.guidance_scale", "2.0"],
+        ["--model.init_args.fwm_objective", "swirl_vl.training.objectives.ForwardProcess"],
+    ],
+    ids=["grpo-guided-lora", "forward-process"],
+)
+def test_diffusion_phase1_variants_train_the_unet(tmp_path, sprite_root, variant):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    args = _tiny_args(tmp_path, sprite_root, "--schedule.sft_steps", "2", "--schedule.iterations", "1")
+    args[1] = str(REPO / "configs" / "sprites_diffusion.yaml")
+    args += ["--schedule.phase1_steps", "2", "--schedule.phase2_steps", "1", "--trainer.logger.init_args.name"]
+    args += ["sprites", "--data.labelled_trajectories", "8", *variant]
+    proc = _run(["fit", *args])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run = _version_dir(tmp_path)
+    sft = load_file(run / "pretrained" / "sft" / "fwm" / "unet" / "diffusion_pytorch_model.safetensors")
+    phase1_dir = run / "pretrained" / "iteration_1_phase1" / "fwm" / "unet"
+    phase1 = load_file(phase1_dir / "diffusion_pytorch_model.safetensors")
+    assert sft.keys() == phase1.keys() and any(not torch.equal(sft[k], phase1[k]) for k in sft)
+    UNet2DConditionModel.from_pretrained(phase1_dir)  # a plain diffusers UNet (LoRA merged)
+    assert _scalar_values(run, "phase1/kl") and _scalar_values(run, "phase1/reward_mean")
