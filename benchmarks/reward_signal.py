@@ -36,9 +36,10 @@ def group_auc(rewards: list[float], right: list[bool]) -> float | None:
     return statistics.fmean(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
 
 
-def load_fwm(path: str) -> TokenFWM | DiffusionFWM:
-    """The FWM saved at ``path``: a diffusers folder (``model_index.json``) or a transformers one."""
-    return DiffusionFWM(path) if (Path(path) / "model_index.json").exists() else TokenFWM(path)
+def load_fwm(path: str, **diffusion: float) -> TokenFWM | DiffusionFWM:
+    """The FWM saved at ``path``: a diffusers folder (``model_index.json``, built with ``diffusion``'s sampling
+    settings, which the folder does not record) or a transformers one."""
+    return DiffusionFWM(path, **diffusion) if (Path(path) / "model_index.json").exists() else TokenFWM(path)
 
 
 def summarise(name: str, aucs: list[float | None], any_right: list[bool], greedy: list[bool], best: list[bool]) -> dict:
@@ -67,10 +68,19 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fwm-temperature", type=float, default=0.75, help="Phase I sampling temperature (token FWM)")
     p.add_argument("--idm-temperature", type=float, default=0.7, help="Phase II sampling temperature")
+    p.add_argument("--diffusion-steps", type=int, default=5, help="DDIM steps (diffusion FWM)")
+    p.add_argument("--guidance", type=float, nargs=2, default=[1.0, 1.0], help="text and image guidance (diffusion)")
+    p.add_argument("--elbo-draws", type=int, default=2, help="(t, ε) draws of the Phase II reward (diffusion FWM)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reward_signal.json")
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    fwm, idm = load_fwm(a.fwm).eval(), VLMIDM(a.idm).eval()
+    diffusion = {
+        "num_inference_steps": a.diffusion_steps,
+        "guidance_scale": a.guidance[0],
+        "image_guidance_scale": a.guidance[1],
+        "elbo_draws": a.elbo_draws,
+    }
+    fwm, idm = load_fwm(a.fwm, **diffusion).eval(), VLMIDM(a.idm).eval()
     # The token FWM samples at a temperature; the diffusion one with the DDIM η its folder was built with.
     sampling = {"temperature": a.fwm_temperature} if isinstance(fwm, TokenFWM) else {}
     data = SpriteDataModule.from_folder(a.data)

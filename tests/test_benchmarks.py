@@ -64,6 +64,19 @@ def test_swirl_vs_sft_runs_both_arms_from_one_sft_checkpoint(tmp_path: Path) -> 
         for key in ("groups_with_a_right_sample", "greedy_acc", "best_of_group_acc"):
             assert 0 <= signal[phase][key] <= 1
 
+    # guidance.py scores a diffusion FWM's greedy samples on the same data, per guidance setting.
+    from swirl_vl.models.tiny_diffusion import build_tiny_instruct_pix2pix
+
+    fwm = build_tiny_instruct_pix2pix(tmp_path / "diffusion")
+    out = tmp_path / "guidance.json"
+    cmd = [sys.executable, "benchmarks/guidance.py", "--fwm", str(fwm), "--data", str(manifest.parent), "--pairs", "3"]
+    cmd += ["--steps", "2", "--scales", "1,1", "2,1.5", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["guidance_scale"], r["image_guidance_scale"]) for r in rows] == [(1.0, 1.0), (2.0, 1.5)]
+    assert all(0 <= r["fwm_state_acc"] <= 1 for r in rows) and "| 2 | 2.0 | 1.5 |" in proc.stdout
+
 
 def test_group_auc_counts_ordered_pairs_and_half_ties() -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))

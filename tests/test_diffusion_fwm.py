@@ -185,6 +185,8 @@ def test_latent_space_folder_with_vae_like_timbrooks_instruct_pix2pix(tiny_path:
     EulerAncestralDiscreteScheduler(beta_schedule="scaled_linear", steps_offset=1).save_pretrained(folder / "scheduler")
 
     fwm = DiffusionFWM(str(folder), num_inference_steps=3)
+    # The Euler config has no DDIM keys: latents are never clipped, and the last step lands on ᾱ_0, not 1.
+    assert not fwm.scheduler.config.clip_sample and not fwm.scheduler.config.set_alpha_to_one
     assert fwm.vae is not None and not any(p.requires_grad for p in fwm.vae.parameters())
     fwm.train()
     assert not fwm.vae.training

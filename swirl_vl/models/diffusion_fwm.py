@@ -132,8 +132,7 @@ class DiffusionFWM(ForwardWorldModel):
         self.unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet")
         self.text_encoder = CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder")
         self.tokenizer = CLIPTokenizer.from_pretrained(self.path, subfolder="tokenizer")
-        # Real folders ship another scheduler class (Euler ancestral); its β schedule configures DDIM just as well.
-        self.scheduler = DDIMScheduler.from_pretrained(self.path, subfolder="scheduler")
+        self.scheduler = _ddim_scheduler(self.path / "scheduler")
         self.vae = AutoencoderKL.from_pretrained(self.path, subfolder="vae") if (self.path / "vae").is_dir() else None
         if self.vae is not None:
             # InstructPix2Pix never trains its autoencoder.
@@ -456,6 +455,18 @@ class DiffusionFWM(ForwardWorldModel):
             for i in range(k)
         ]
         return -torch.stack(errors, dim=1).mean(dim=1)  # (B,)
+
+
+def _ddim_scheduler(folder: Path) -> DDIMScheduler:
+    """DDIM on the folder's noise schedule. Real folders ship another class (Euler ancestral), whose config lacks
+    DDIM's own keys: DDIM's defaults would then clip x̂_0 to ±1 and end at ᾱ = 1, which is wrong for latents, so a
+    converted config sets them as Stable Diffusion's DDIM config does. ``timestep_spacing`` is kept."""
+    config = DDIMScheduler.load_config(folder)
+    if config.get("_class_name") == "DDIMScheduler":
+        return DDIMScheduler.from_config(config)
+    return DDIMScheduler.from_config(
+        config, clip_sample=config.get("clip_sample", False), set_alpha_to_one=config.get("set_alpha_to_one", False)
+    )
 
 
 def _missing_folder(path: Path, build_tiny: bool) -> FileNotFoundError | None:
