@@ -5,6 +5,7 @@ Per seed, SFT once; then from the same SFT folders, data and seed, arms with the
   bootstrap       Phase I replaced by SFT of the FWM on the IDM's filtered pseudo-labels (real next states)
   swirl_phase1    SWIRL IDM→FWM: Phase I only (``iterations × phase1_steps`` FWM updates, the IDM stays SFT)
   swirl           SWIRL iterative: ``iterations`` rounds of Phase I then Phase II
+  swirl_nft       the same with DiffusionNFT's forward-process Phase I objective (diffusion FWMs only)
   swirl_shared_lora  SWIRL iterative with one shared base model (a token LM serving as FWM and IDM) and two LoRA
                   adapters (``configs/sprites_shared_lora.yaml``): its own SFT of the shared base, then the iterations
 Prints a Markdown table of test metrics (mean ± std over seeds) and writes JSON with every seed's tables.
@@ -18,6 +19,8 @@ import argparse
 from pathlib import Path
 
 from harness import METRICS, REPO, Arm, print_table, run_seed, summarise, write_json
+
+FORWARD_PROCESS = "swirl_vl.training.objectives.ForwardProcess"
 
 
 def arms(iterations: int, p1: int, p2: int, sft_steps: int, sft_only_steps: int | None = None) -> list[Arm]:
@@ -40,6 +43,8 @@ def arms(iterations: int, p1: int, p2: int, sft_steps: int, sft_only_steps: int 
         Arm("bootstrap", [*schedule(iterations, p1 + p2, 0), *bootstrap]),
         Arm("swirl_phase1", schedule(1, iterations * p1, 0)),
         Arm("swirl", schedule(iterations, p1, p2)),
+        # SWIRL with DiffusionNFT's forward-process Phase I objective (diffusion FWMs only).
+        Arm("swirl_nft", [*schedule(iterations, p1, p2), "--model.init_args.fwm_objective", FORWARD_PROCESS]),
         Arm(
             "swirl_shared_lora",
             schedule(iterations, p1, p2, sft=sft_steps),
