@@ -7,9 +7,12 @@ folder has no ``vae/`` (the tiny default), latent space through ``AutoencoderKL`
 
 Sampling uses InstructPix2Pix's dual classifier-free guidance (``guidance_scale`` on the instruction,
 ``image_guidance_scale`` on the source image; ``swirl_vl.rl.guidance``), and SFT drops the conditionings as its
-training did, so that the unconditional branches exist. As a policy (Phase I) each denoising step ``x_t → x_{t_prev}`` of a stochastic DDIM sampler (η > 0)
-plays the role of a token: its log-prob is the Gaussian density of the transition (``swirl_vl.rl.ddim``). As a
-likelihood (Phase II reward) it gives an ELBO-style estimate: minus the mean denoising error.
+training did, so that the unconditional branches exist. As a policy (Phase I, GRPO) each denoising step
+``x_t → x_{t_prev}`` of a stochastic DDIM sampler (η > 0) plays the role of a token: its log-prob is the Gaussian
+density of the *guided* transition (``swirl_vl.rl.ddim``), and its KL to the reference is the closed form between two
+such Gaussians. For the forward-process objective (``swirl_vl.training.objectives.ForwardProcess``) it re-noises
+and denoises its own samples. As a likelihood (Phase II reward) it gives an ELBO-style estimate: minus the mean
+denoising error of the conditional (unguided) model.
 """
 
 from __future__ import annotations
