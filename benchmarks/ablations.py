@@ -99,7 +99,8 @@ def main(select: list[str] | None = None, doc: str = __doc__, out: str = "ablati
             print(f"  {metric}: " + "  ".join(f"{n} {r[n][metric]:.3f}" for n in names), flush=True)
     summary = summarise(results, names)
     print_table(summary, names)
-    gains = {n: {m: _relative(summary[n][m][0], summary["sft_only"][m][0]) for m in METRICS} for n in names}
+    base = summary.get("sft_only")  # the other arms' relative change needs the SFT-only arm among them
+    gains = {n: {m: _relative(summary[n][m][0], base[m][0]) for m in METRICS} for n in names} if base else {}
     for n, g in gains.items():
         print(
             f"{n:17s} relative to sft_only: fwm_state_acc {g['fwm_state_acc']:+.1%}, "
