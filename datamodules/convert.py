@@ -1,4 +1,4 @@
-"""Converters from public layouts to trajectory shards (DESIGN §4).
+"""Converters from public layouts to trajectory shards (layout in the README, "Train on your own data").
 
     python -m datamodules.convert aurora --root DIR --json DIR/test.json --out OUT [--tasks magicbrush ag]
 

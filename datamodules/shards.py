@@ -1,4 +1,4 @@
-"""Trajectory shards (DESIGN §4): writing plain tar files and decoding their samples robustly.
+"""Trajectory shards: writing plain tar files and decoding their samples robustly.
 
 One sample = one trajectory: ``{key}.0.png``, ``{key}.1.png``, … (or ``.jpg``), ``{key}.actions.json``
 (``T-1`` entries, text or null) and ``{key}.meta.json`` (``{"task", "source", ...}``). Bad samples and bad

@@ -1,4 +1,4 @@
-"""The sprite world: a tiny procedurally generated visual world with exact ground truth (DESIGN §5).
+"""The sprite world: a tiny procedurally generated visual world with exact ground truth.
 
 States are 1–3 coloured shapes on a 4×4 grid of 8-px cells (a 32×32 RGB canvas, black background).
 ``render`` draws a state pixel-exactly, ``parse`` reads a state back from any image (rendered or generated),

@@ -152,7 +152,7 @@ class _Shuffle:
 
 
 class TrajectoryDataModule(L.LightningDataModule):
-    """Trajectory shards (DESIGN §4) as pair batches: resampled streams for training, in-memory eval splits."""
+    """Trajectory shards (README, "Train on your own data") as pair batches: resampled streams for training, in-memory eval splits."""
 
     def __init__(
         self,
@@ -330,7 +330,7 @@ def _split_seed(seed: int, split: str) -> int:
 
 
 class SpriteDataModule(TrajectoryDataModule):
-    """The sprite world (DESIGN §5): generates its shards under ``root`` on first use, then reuses them."""
+    """The sprite world: generates its shards under ``root`` on first use, then reuses them."""
 
     MANIFEST = "sprites-manifest.json"
 

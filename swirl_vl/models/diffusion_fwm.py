@@ -276,7 +276,7 @@ class DiffusionFWM(ForwardWorldModel):
         return timesteps, default_prev_timestep(self.scheduler, timesteps)
 
     def _train_step_mask(self, n: int, s: int, eta: float, generator: torch.Generator | None) -> Tensor:
-        """``(N, S)`` bool: the steps GRPO trains on. Never the last (σ → 0, degenerate density, DESIGN §9), none
+        """``(N, S)`` bool: the steps GRPO trains on. Never the last (σ → 0, degenerate density), none
         when η = 0 (deterministic, no density), else a random ``train_timestep_fraction`` of the rest per row."""
         mask = torch.zeros(n, s, dtype=torch.bool)
         if eta > 0:

@@ -1,6 +1,6 @@
 """LoRA adapters (PEFT) on SWIRL's policies, with the base model as the KL reference.
 
-Adapters are added *after* SFT (DESIGN §9), so the frozen base is the SFT model and the reference policy is the
+Adapters are added *after* SFT, so the frozen base is the SFT model and the reference policy is the
 same network with its adapters disabled: no second copy of the weights. One backend gets one named adapter; two
 backends that share one language model (``TokenFWM`` + ``TokenIDM.sharing(fwm)``, the paper's "one base, two
 LoRA adapters" variant) get two adapters on one ``PeftModel``:
