@@ -109,3 +109,16 @@ def test_each_rl_phase_starts_with_fresh_optimiser_state(folders: dict[str, Path
     # Resuming into the middle of a phase keeps the optimiser state the checkpoint restored.
     module.enter_stage("phase2", 0, refresh_reference=True, num_steps=1, starting=False)
     assert len(idm_opt.state) > 0
+
+
+def test_phase2_rewards_are_clamped_at_the_reward_floor(folders: dict[str, Path], monkeypatch) -> None:
+    module, (_, idm_opt) = _module(folders, reward_floor=-3.0, log_rollouts_every_n_steps=0)
+    module.enter_stage("phase2", 0, refresh_reference=True, num_steps=1, starting=True)
+    monkeypatch.setattr(module.fwm.model, "log_likelihood", lambda x, z, y, group_size: torch.full((len(z),), -50.0))
+    seen = {}
+    monkeypatch.setattr(
+        module, "update", lambda objective, policy, ref, rollout, rewards, *rest: seen.update(r=rewards)
+    )
+    x, y, _ = sprite_pairs(2)
+    module.phase2_idm_step({"x": x, "y": y}, idm_opt)
+    assert seen["r"].shape == (4,) and (seen["r"] == -3.0).all()
