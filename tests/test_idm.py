@@ -89,7 +89,8 @@ def test_sample_layout_and_old_logprobs(idm: VLMIDM, pairs) -> None:
     completion = rollout.context["input_ids"][:, -length:]
     for row in range(n):
         pair = idm._prompt_inputs(x[row // g : row // g + 1], y[row // g : row // g + 1])
-        alone = idm._completion_logprobs(_extend(pair, completion[row : row + 1], mask[row : row + 1]), length)
+        inputs = _extend(pair, completion[row : row + 1], mask[row : row + 1])
+        alone = idm._completion_logprobs(inputs, length, rollout.temperature)  # scored at the sampling temperature
         torch.testing.assert_close(alone[0][mask[row]], rollout.old_logprobs[row][mask[row]], atol=1e-5, rtol=1e-5)
 
     greedy = idm.sample(x[:b], y[:b], greedy=True, max_new_tokens=6)
