@@ -80,7 +80,8 @@ class SwirlModule(LightningModule):
             idm: the inverse dynamics model's module (``IDMModule``).
             fwm_group_size: Phase I samples ``G`` per pair (paper: 8).
             idm_group_size: Phase II sampled actions ``G`` per pair (paper: 16).
-            fwm_beta: weight of the k3 KL to the reference FWM (paper code: 0.04).
+            fwm_beta: weight of the KL to the reference FWM (paper code: 0.04): k3 per token for a token FWM, the
+                closed-form Gaussian KL per DDIM step for a diffusion FWM.
             idm_beta: weight of the k3 KL to the reference IDM (paper code: 0.1).
             clip_eps: PPO ratio clip ε.
             min_label_logprob: Phase I keeps a pair only when the frozen IDM's greedy label has mean token
