@@ -38,12 +38,7 @@ from swirl_vl.rl.ddim import (
     gaussian_logprob,
     predicted_x0_eps,
 )
-from swirl_vl.rl.guidance import dual_guidance
-
-
-def guidance_on(text_scale: float, image_scale: float) -> bool:
-    """Whether sampling guides: diffusers' ``StableDiffusionInstructPix2PixPipeline`` rule, kept for parity."""
-    return text_scale > 1.0 and image_scale >= 1.0
+from swirl_vl.rl.guidance import dual_guidance, guidance_on
 
 
 @dataclass
@@ -218,17 +213,19 @@ class DiffusionFWM(ForwardWorldModel):
         return self._encode_text(self._tokenize([""]))
 
     def _guided_predict(
-        self, latents: Tensor, source: Tensor, text: Tensor, t: Tensor, scales: tuple[float, float]
+        self, latents: Tensor, source: Tensor, text: Tensor, t: Tensor, scales: tuple[float, float], null: Tensor | None
     ) -> Tensor:
         """Dual-guided UNet output ``(B, C, h, w)``: the three branches in one UNet batch, as the diffusers pipeline.
 
         ``scales = (text, image)``. As the pipeline's ``do_classifier_free_guidance``, guidance is on only when
         ``text > 1`` and ``image ≥ 1``; otherwise the conditional output alone (one branch, a third of the cost).
+        ``null``: ``_null_text()``, encoded once by the caller rather than at every denoising step (unused when off).
         """
         text_scale, image_scale = scales
         if not guidance_on(text_scale, image_scale):
             return self._predict(latents, source, text, t)
-        null = self._null_text().expand_as(text)
+        assert null is not None, "guided prediction needs the empty instruction's context"
+        null = null.expand_as(text)
         t3 = t.repeat(3) if torch.is_tensor(t) and t.ndim == 1 else t
         out = self._predict(
             torch.cat([latents] * 3),
@@ -328,8 +325,9 @@ class DiffusionFWM(ForwardWorldModel):
             noise = torch.randn(source.shape, generator=generator, device=noise_device)
         latents = [noise.to(source) * self.scheduler.init_noise_sigma]
         logprobs = []
+        null = self._null_text() if guidance_on(*scales) else None
         for t, t_prev in zip(timesteps, prev_timesteps):
-            model_output = self._guided_predict(latents[-1], source, text, t, scales)
+            model_output = self._guided_predict(latents[-1], source, text, t, scales, null)
             prev_sample, logprob = ddim_step_with_logprob(
                 self.scheduler, model_output, t, latents[-1], eta, generator=generator, prev_timestep=t_prev
             )
@@ -372,7 +370,8 @@ class DiffusionFWM(ForwardWorldModel):
         t, t_prev = ctx["timesteps"][steps], ctx["prev_timesteps"][steps]  # (M,)
         text = self._encode_text(ctx["input_ids"])[rows]  # (M, L, D), with grad into the text encoder
         scales = tuple(float(v) for v in ctx["guidance"]) if "guidance" in ctx else (1.0, 1.0)
-        model_output = self._guided_predict(sample, ctx["source"][rows], text, t, scales)
+        null = self._null_text() if guidance_on(*scales) else None
+        model_output = self._guided_predict(sample, ctx["source"][rows], text, t, scales, null)
         mean, std = ddim_step_mean_std(self.scheduler, model_output, t, sample, float(ctx["eta"]), t_prev)
         return mean, std, prev_sample
 

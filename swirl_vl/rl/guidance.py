@@ -13,6 +13,12 @@ from __future__ import annotations
 from torch import Tensor
 
 
+def guidance_on(text_scale: float, image_scale: float) -> bool:
+    """Whether sampling guides at all: the pipeline's ``do_classifier_free_guidance`` (text > 1 and image ≥ 1),
+    kept for parity; otherwise the conditional prediction is used alone."""
+    return text_scale > 1.0 and image_scale >= 1.0
+
+
 def dual_guidance(text: Tensor, image: Tensor, uncond: Tensor, text_scale: float, image_scale: float) -> Tensor:
     """Guided prediction from the three branches, each ``(B, C, h, w)``.
 

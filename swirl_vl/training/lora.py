@@ -208,8 +208,8 @@ class LoraReference:
     """Stands in for a frozen reference copy: the policy's scoring methods with its adapters disabled.
 
     Serves what a policy's objective asks of its reference: ``rollout_logprobs`` (token policies' k3 KL),
-    ``transition_means`` (``DiffusionFWM``'s closed-form KL) and ``denoised_x0`` (the forward-process objective). Not an ``nn.Module``, so it adds nothing to
-    state dicts or ``parameters()``.
+    ``transition_means`` (``DiffusionFWM``'s closed-form KL) and ``denoised_x0`` (the forward-process objective).
+    Not an ``nn.Module``, so it adds nothing to state dicts or ``parameters()``.
     """
 
     def __init__(self, policy: nn.Module) -> None:
