@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessorList
 
 from swirl_vl.models import idm as idm_module
+from swirl_vl.models.generation import RecordLogprobs, generate_groups
 from swirl_vl.models.idm import VLMIDM, _extend, selective_log_softmax
 
 ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
@@ -82,7 +83,8 @@ def test_sample_layout_and_old_logprobs(idm: VLMIDM, pairs) -> None:
     assert rollout.mask.shape[1] <= 6 and rollout.mask[:, 0].all()
     logp, mask = idm.rollout_logprobs(rollout)
     assert logp.requires_grad and torch.equal(mask, rollout.mask)
-    torch.testing.assert_close(logp.detach(), rollout.old_logprobs)
+    # The sampler's recorded log-probs are what the update scores (off the mask they are 0).
+    torch.testing.assert_close(logp.detach().masked_fill(~mask, 0), rollout.old_logprobs, atol=1e-5, rtol=1e-5)
 
     # Group-major: row b * G + g is scored against pair b alone.
     length = rollout.mask.shape[1]
@@ -94,6 +96,7 @@ def test_sample_layout_and_old_logprobs(idm: VLMIDM, pairs) -> None:
         torch.testing.assert_close(alone[0][mask[row]], rollout.old_logprobs[row][mask[row]], atol=1e-5, rtol=1e-5)
 
     greedy = idm.sample(x[:b], y[:b], greedy=True, max_new_tokens=6)
+    torch.testing.assert_close(greedy.old_logprobs, idm.rollout_logprobs(greedy)[0].masked_fill(~greedy.mask, 0))
     assert len(greedy.texts) == b and greedy.group_size == 1
     with pytest.raises(ValueError, match="greedy"):
         idm.sample(x[:b], y[:b], num_samples=2, greedy=True)
@@ -162,3 +165,23 @@ def test_tiny_build_loses_race_cleanly(tmp_path: Path, monkeypatch: pytest.Monke
     idm_module._build_atomically(path, "llava", seed=0, image_size=32)
     assert json.loads((path / "config.json").read_text()) == {"winner": True}
     assert [p.name for p in tmp_path.iterdir()] == ["idm"]
+
+
+def test_one_prefill_per_prompt_samples_what_g_copies_sample(idm: VLMIDM, pairs) -> None:
+    """The prompt's KV cache computed once and repeated G times draws the same tokens, with the same recorded
+    log-probs, as ``num_return_sequences`` (which prefills G copies, vision tower included)."""
+    if idm._mrope:
+        pytest.skip("multimodal RoPE: VLMIDM prefills G copies (positions depend on the image grid)")
+    x, y, _ = pairs
+    prompt = idm._prompt_inputs(x[:2], y[:2])
+    settings = dict(do_sample=True, temperature=0.7, top_k=50, max_new_tokens=6, pad_token_id=idm.pad_token_id)
+    runs = []
+    for share in (False, True):
+        torch.manual_seed(1)
+        recorder = RecordLogprobs(0.7)
+        processors = LogitsProcessorList([recorder])
+        sequences = generate_groups(idm.model, prompt, 4, share_prefill=share, logits_processor=processors, **settings)
+        runs.append((sequences, recorder.finish(sequences)))
+    assert runs[0][0].shape == (8, prompt["input_ids"].shape[1] + 6)
+    assert torch.equal(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-5, rtol=1e-5)

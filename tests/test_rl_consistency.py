@@ -117,7 +117,7 @@ def test_phase2_rewards_are_clamped_at_the_reward_floor(folders: dict[str, Path]
     monkeypatch.setattr(module.fwm.model, "log_likelihood", lambda x, z, y, group_size: torch.full((len(z),), -50.0))
     seen = {}
     monkeypatch.setattr(
-        module, "update", lambda objective, policy, ref, rollout, rewards, *rest: seen.update(r=rewards)
+        module, "update", lambda objective, policy, ref, chunks, *rest: seen.update(r=torch.cat([r for _, r in chunks]))
     )
     x, y, _ = sprite_pairs(2)
     module.phase2_idm_step({"x": x, "y": y}, idm_opt)

@@ -83,11 +83,11 @@ class GRPOPolicy(nn.Module, ABC):
         Token policies: k3 is an unbiased, non-negative estimate of the KL of the sampled token. Backends whose
         positions are continuous (diffusion steps) override this with a closed form.
         """
-        logp, mask = self.rollout_logprobs(rollout)
         if reference is None:
-            return PolicyScores(logp, mask, None)
-        with torch.no_grad():
+            return PolicyScores(*self.rollout_logprobs(rollout), None)
+        with torch.no_grad():  # first: its activations are freed before the policy's graph is built
             ref_logp, _ = reference.rollout_logprobs(rollout)
+        logp, mask = self.rollout_logprobs(rollout)
         return PolicyScores(logp, mask, k3_kl(logp, ref_logp, mask))
 
 

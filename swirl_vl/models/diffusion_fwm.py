@@ -392,12 +392,14 @@ class DiffusionFWM(ForwardWorldModel):
         zeros = torch.zeros(mask.shape, device=mask.device, dtype=torch.float32)
         if not mask.any():  # greedy (η = 0) rollouts: nothing has a density, nothing to train
             return PolicyScores(zeros, mask, None if reference is None else zeros)
+        ref_mean = None
+        if reference is not None:
+            with torch.no_grad():  # first: its activations are freed before the policy's graph is built
+                ref_mean, _, _ = reference.transition_means(rollout)
         mean, std, prev_sample = self.transition_means(rollout)
         logp = zeros.masked_scatter(mask, gaussian_logprob(prev_sample, mean, std).float())
         kl = None
-        if reference is not None:
-            with torch.no_grad():
-                ref_mean, _, _ = reference.transition_means(rollout)
+        if ref_mean is not None:
             kl = zeros.masked_scatter(mask, gaussian_kl_same_std(mean, ref_mean, std).float())
         return PolicyScores(logp, mask, kl)
 

@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, ProcessorMixin
+from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, LogitsProcessorList, ProcessorMixin
 
 from swirl_vl.models.base import InverseDynamicsModel, Rollout, missing_checkpoint_error
+from swirl_vl.models.generation import RecordLogprobs, generate_groups
 from swirl_vl.models.tiny_vlm import build_tiny_llava, build_tiny_qwen2_5_vl
 
 TINY_BUILDERS = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl}
@@ -116,37 +117,41 @@ class VLMIDM(InverseDynamicsModel):
         top_k: int = 50,
         max_new_tokens: int | None = None,
     ) -> Rollout:
-        """``N = B * num_samples`` actions, group-major, from one batched ``generate`` call.
+        """``N = B * num_samples`` actions, group-major, from one batched ``generate`` call (each prompt prefilled once).
 
-        ``x``, ``y``: ``(B, 3, H, W)`` in ``[0, 1]``. Old log-probs are scored at the sampling ``temperature`` (greedy:
-        1), as ``rollout_logprobs`` scores them.
+        ``x``, ``y``: ``(B, 3, H, W)`` in ``[0, 1]``. Old log-probs are the sampler's own, recorded during ``generate``
+        at the sampling ``temperature`` (greedy: 1), as ``rollout_logprobs`` scores them (equal up to float error).
         """
         if greedy and num_samples != 1:
             raise ValueError(f"greedy decoding gives one action per pair; got num_samples={num_samples}")
         prompt = self._prompt_inputs(x, y)
         batch, prompt_len = prompt["input_ids"].shape
         sampling = {} if greedy else {"temperature": temperature, "top_k": top_k}
-        sequences = self.model.generate(
-            **prompt,
+        scored_temperature = 1.0 if greedy else temperature
+        recorder = RecordLogprobs(scored_temperature)
+        sequences = generate_groups(
+            self.model,
+            prompt,
+            num_samples,
+            share_prefill=not self._mrope,
             do_sample=not greedy,
             **sampling,
             # Set explicitly so that a checkpoint's generation_config.json cannot reshape the policy.
             top_p=1.0,
             repetition_penalty=1.0,
-            num_return_sequences=num_samples,
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             eos_token_id=self.stop_token_ids.tolist(),
             pad_token_id=self.pad_token_id,
             use_cache=True,
+            logits_processor=LogitsProcessorList([recorder]),
         )
         completion = sequences[:, prompt_len:]  # (N, L)
         mask = self._until_first_stop(completion)
         completion = completion.masked_fill(~mask, self.pad_token_id)
         texts = [t.strip() for t in self.processor.tokenizer.batch_decode(completion, skip_special_tokens=True)]
-
         context = _extend(_repeat_groups(prompt, batch, num_samples), completion, mask)
-        scored_temperature = 1.0 if greedy else temperature
-        old_logprobs = self._completion_logprobs(context, completion.shape[1], scored_temperature)
+        # The sampler's own log-probs (no second forward); positions after the first stop are 0.
+        old_logprobs = recorder.finish(sequences).masked_fill(~mask, 0.0)
         return Rollout(
             group_size=num_samples,
             old_logprobs=old_logprobs,

@@ -41,6 +41,7 @@ from transformers import (
 from typing_extensions import override
 
 from swirl_vl.models.base import ForwardWorldModel, Rollout, missing_checkpoint_error
+from swirl_vl.models.generation import RecordLogprobs, generate_groups
 from swirl_vl.models.text import build_text_tokenizer
 from swirl_vl.models.vq import SHIPPED_SPRITE_VQ, vq_decode, vq_encode, vq_grid
 
@@ -129,8 +130,16 @@ class TokenFWM(ForwardWorldModel):
 
     # ---------------------------------------------------------------------------------------- sequences
 
-    def encode_images(self, images: Tensor) -> Tensor:
-        """Images ``(B, 3, H, W)`` in ``[0, 1]`` → VQ codes ``(B, L)``; resized to ``image_size`` first if needed."""
+    def encode_images(self, images: Tensor, group_size: int = 1) -> Tensor:
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` → VQ codes ``(B, L)``; resized to ``image_size`` first if needed.
+
+        ``group_size``: when the rows come in blocks of ``group_size`` copies of one image (a Phase II group), each
+        image is encoded once.
+        """
+        if group_size > 1 and images.shape[0] % group_size == 0:
+            firsts = images[::group_size]
+            if torch.equal(firsts.repeat_interleave(group_size, 0), images):
+                return self.encode_images(firsts).repeat_interleave(group_size, 0)
         images = images.to(self.device, self.vq.dtype)
         if images.shape[-2:] != (self.image_size, self.image_size):
             images = F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
@@ -140,11 +149,11 @@ class TokenFWM(ForwardWorldModel):
         """VQ codes ``(N, L)`` → images ``(N, 3, image_size, image_size)`` in ``[0, 1]``."""
         return vq_decode(self.vq, codes, self.grid).float()
 
-    def prompt_ids(self, x: Tensor, z: list[str]) -> tuple[Tensor, Tensor]:
+    def prompt_ids(self, x: Tensor, z: list[str], group_size: int = 1) -> tuple[Tensor, Tensor]:
         """Left-padded prompts ``<bos> z <boi> x <eoi> <boi>``: ids and attention mask, both ``(B, T)``."""
         if len(z) != x.shape[0]:
             raise ValueError(f"{x.shape[0]} images but {len(z)} actions")
-        x_tokens = self.code_token_ids[self.encode_images(x)].tolist()  # (B, L)
+        x_tokens = self.code_token_ids[self.encode_images(x, group_size)].tolist()  # (B, L)
         texts = self.tokenizer(list(z), add_special_tokens=False)["input_ids"]
         rows = [[*self._bos, *text, self.boi_id, *xt, self.eoi_id, self.boi_id] for xt, text in zip(x_tokens, texts)]
         width = max(map(len, rows))
@@ -155,10 +164,10 @@ class TokenFWM(ForwardWorldModel):
             mask[i, width - len(row) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def pair_ids(self, x: Tensor, z: list[str], y: Tensor) -> tuple[Tensor, Tensor]:
+    def pair_ids(self, x: Tensor, z: list[str], y: Tensor, group_size: int = 1) -> tuple[Tensor, Tensor]:
         """Prompt followed by ``y``'s code tokens: ids and attention mask ``(B, T + L)``."""
-        ids, mask = self.prompt_ids(x, z)
-        y_tokens = self.code_token_ids[self.encode_images(y)]  # (B, L)
+        ids, mask = self.prompt_ids(x, z, group_size)
+        y_tokens = self.code_token_ids[self.encode_images(y, group_size)]  # (B, L)
         return torch.cat([ids, y_tokens], 1), torch.cat([mask, torch.ones_like(y_tokens)], 1)
 
     def code_logprobs(self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0) -> Tensor:
@@ -198,16 +207,16 @@ class TokenFWM(ForwardWorldModel):
         temperature: float = 0.75,
         top_p: float = 0.96,
     ) -> Rollout:
-        """``G = num_samples`` next states per ``(x, z)``, rows group-major (row ``b*G + g``), in one ``generate``.
+        """``G = num_samples`` next states per ``(x, z)``, rows group-major (row ``b*G + g``), in one ``generate`` that
+        prefills each prompt once.
 
         Returns images ``(B*G, 3, H, W)`` in ``[0, 1]``, ``old_logprobs`` / ``mask`` ``(B*G, L)`` (at ``temperature``)
         and ``context = {"input_ids", "attention_mask"}`` ``(B*G, T + L)``. ``greedy`` takes the argmax (``G = 1``;
-        scored at temperature 1).
+        scored at temperature 1). Old log-probs are the sampler's own, equal to ``rollout_logprobs`` up to float error.
         """
         if greedy and num_samples != 1:
             raise ValueError(f"greedy decoding is deterministic: use num_samples=1, not {num_samples}")
         ids, mask = self.prompt_ids(x, z)
-        ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
         L = self.num_image_tokens
         sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p}
         config = GenerationConfig(
@@ -219,18 +228,21 @@ class TokenFWM(ForwardWorldModel):
             use_cache=True,
             **sampling,
         )
-        sequences = self.lm.generate(
-            input_ids=ids,
-            attention_mask=mask,
+        scored_temperature = 1.0 if greedy else temperature
+        recorder = RecordLogprobs(scored_temperature)  # after the restriction: log-probs over the image codes
+        sequences = generate_groups(
+            self.lm,
+            {"input_ids": ids, "attention_mask": mask},
+            num_samples,
             generation_config=config,
-            logits_processor=LogitsProcessorList([RestrictToImageTokens(self.code_token_ids)]),
+            logits_processor=LogitsProcessorList([RestrictToImageTokens(self.code_token_ids), recorder]),
         )  # (N, T + L)
+        mask = mask.repeat_interleave(num_samples, 0)
         full_mask = torch.cat([mask, torch.ones_like(mask[:, :L])], 1)
         images = self.decode_codes(self.token_to_code[sequences[:, -L:]])
         context = {"input_ids": sequences, "attention_mask": full_mask}
-        scored_temperature = 1.0 if greedy else temperature
-        # Scored by the same function as in the update, so the GRPO ratio is exactly 1 before the first step.
-        old_logprobs = self.code_logprobs(sequences, full_mask, scored_temperature)
+        # The sampler's own log-probs, recorded during generate (no second forward pass).
+        old_logprobs = recorder.finish(sequences)
         return Rollout(
             group_size=num_samples,
             old_logprobs=old_logprobs,
@@ -249,8 +261,9 @@ class TokenFWM(ForwardWorldModel):
     @override
     @torch.no_grad()
     def log_likelihood(self, x: Tensor, z: list[str], y: Tensor, group_size: int = 1) -> Tensor:
-        """``(B,)`` exact mean per-token ``log P(y | x, z)`` over ``y``'s codes (``group_size`` is unused: no draws)."""
-        return self.code_logprobs(*self.pair_ids(x, z, y)).mean(-1)
+        """``(B,)`` exact mean per-token ``log P(y | x, z)`` over ``y``'s codes (no random draws; a group's shared
+        ``x`` and ``y`` are VQ-encoded once)."""
+        return self.code_logprobs(*self.pair_ids(x, z, y, group_size)).mean(-1)
 
     @override
     def save_pretrained(self, path: str | Path) -> None:

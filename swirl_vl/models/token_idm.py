@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 from typing_extensions import override
 
 from swirl_vl.models.base import InverseDynamicsModel, Rollout
+from swirl_vl.models.generation import RecordLogprobs, generate_groups
 from swirl_vl.models.idm import VLMIDM, selective_log_softmax
 from swirl_vl.models.token_fwm import TokenFWM
 
@@ -188,7 +189,8 @@ class TokenIDM(InverseDynamicsModel):
 
         ``x``, ``y``: ``(B, 3, H, W)`` in ``[0, 1]``. Returns texts, ``old_logprobs`` / ``mask`` ``(N, L)`` (tokens up
         to and including the first end-of-sequence) and ``context = {"input_ids", "attention_mask"}`` ``(N, P + L)``.
-        Old log-probs are scored at the sampling ``temperature`` (greedy: 1), as ``rollout_logprobs`` scores them.
+        Old log-probs are the sampler's own, recorded during ``generate`` at the sampling ``temperature`` (greedy: 1),
+        as ``rollout_logprobs`` scores them (equal up to float error). Each prompt is prefilled once.
         """
         if greedy and num_samples != 1:
             raise ValueError(f"greedy decoding gives one action per pair; got num_samples={num_samples}")
@@ -197,7 +199,6 @@ class TokenIDM(InverseDynamicsModel):
         # A full config, so that a checkpoint's generation_config.json cannot reshape the policy.
         config = GenerationConfig(
             max_new_tokens=max_new_tokens or self.max_new_tokens,
-            num_return_sequences=num_samples,
             top_p=1.0,
             repetition_penalty=1.0,
             suppress_tokens=self.non_text_ids.tolist(),
@@ -206,7 +207,12 @@ class TokenIDM(InverseDynamicsModel):
             use_cache=True,
             **sampling,
         )
-        sequences = self.lm.generate(input_ids=ids, attention_mask=prompt_mask, generation_config=config)
+        scored_temperature = 1.0 if greedy else temperature
+        recorder = RecordLogprobs(scored_temperature)
+        prompt = {"input_ids": ids, "attention_mask": prompt_mask}
+        sequences = generate_groups(
+            self.lm, prompt, num_samples, generation_config=config, logits_processor=LogitsProcessorList([recorder])
+        )
         completion = sequences[:, ids.shape[1] :]  # (N, L)
         mask = self._until_first_stop(completion)
         completion = completion.masked_fill(~mask, self.pad_id)
@@ -215,10 +221,8 @@ class TokenIDM(InverseDynamicsModel):
             "input_ids": torch.cat([ids.repeat_interleave(num_samples, 0), completion], 1),
             "attention_mask": torch.cat([prompt_mask.repeat_interleave(num_samples, 0), mask.long()], 1),
         }
-        scored_temperature = 1.0 if greedy else temperature
-        old_logprobs = self._completion_logprobs(
-            context["input_ids"], context["attention_mask"], completion.shape[1], scored_temperature
-        )
+        # The sampler's own log-probs (no second forward); positions after the first stop are 0.
+        old_logprobs = recorder.finish(sequences).masked_fill(~mask, 0.0)
         return Rollout(
             group_size=num_samples,
             old_logprobs=old_logprobs,

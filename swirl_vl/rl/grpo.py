@@ -96,6 +96,7 @@ def grpo_loss(
     kl: Tensor | None = None,
     beta: float = 0.04,
     clip_eps: float = 0.2,
+    num_terms: float | None = None,
 ) -> GRPOLoss:
     """Clipped GRPO loss plus ``beta`` × a per-token KL to the reference, normalised per token over valid tokens.
 
@@ -107,6 +108,8 @@ def grpo_loss(
         valid: ``(N,)`` bool, rows whose group carries signal; others leave both the policy and KL terms.
         kl: ``(N, L)`` per-token KL estimate with grad (``k3_kl`` for tokens, the closed form for diffusion
             steps), or None for no KL term. Positions off the mask are ignored, whatever they hold.
+        num_terms: what the sums are divided by (default: this batch's valid tokens). A micro-batch passes the whole
+            batch's count, so that the micro-batches' losses (and ``kl``, ``clip_frac``) add up to the batch's.
     """
     assert logp.shape == old_logp.shape == mask.shape, (logp.shape, old_logp.shape, mask.shape)
     assert advantages.shape == (logp.shape[0],), advantages.shape
@@ -121,7 +124,7 @@ def grpo_loss(
         kl = torch.where(m, kl, torch.zeros_like(kl))  # where, not *: an inf off the mask must not reach the grad
         if beta != 0.0:
             per_token = per_token + beta * kl
-    n = m.sum().clamp(min=1)
+    n = m.sum().clamp(min=1) if num_terms is None else max(num_terms, 1)
     # Multiplying by the mask (rather than indexing) keeps every parameter in the graph, so a step with
     # no valid token still gives zero grads instead of none (DDP expects the same graph on every rank).
     loss = (per_token * m).sum() / n

@@ -31,16 +31,37 @@ class ObjectiveOutput:
     clip_frac: Tensor
     """Share of trained positions whose ratio was clipped (detached; 0 where no ratio is used)."""
     advantages: GroupAdvantages
+    logprobs: Tensor | None = None
+    """``(N, L)`` the policy's log-probs of the rollout in this pass (detached): the old log-probs of later passes."""
 
 
 class PolicyObjective(ABC):
-    """Turns ``rewards (N,)`` of a group-major rollout batch into a loss for ``policy``."""
+    """Turns ``rewards (N,)`` of a group-major rollout batch into a loss for ``policy``.
+
+    A batch may be split into micro-batches of whole groups: each call then gets ``num_terms``, the whole batch's
+    ``num_terms(...)`` summed, so that the micro-batches' losses add up to the loss of the batch in one piece.
+    """
 
     @abstractmethod
     def __call__(
-        self, policy: GRPOPolicy, reference: Any | None, rollout: Rollout, rewards: Tensor, beta: float
+        self,
+        policy: GRPOPolicy,
+        reference: Any | None,
+        rollout: Rollout,
+        rewards: Tensor,
+        beta: float,
+        old_logprobs: Tensor | None = None,
+        num_terms: float | None = None,
     ) -> ObjectiveOutput:
-        """``reference``: the frozen KL reference (a copy or ``LoraReference``), or None; ``beta``: the KL weight."""
+        """``reference``: the frozen KL reference (a copy or ``LoraReference``), or None; ``beta``: the KL weight.
+
+        ``old_logprobs``: ``(N, L)`` log-probs of the policy that sampled, for a second or later update on the same
+        rollouts (the ``logprobs`` of the first); None in the first update, whose weights are the sampling ones.
+        """
+
+    @abstractmethod
+    def num_terms(self, rollout: Rollout, rewards: Tensor) -> int:
+        """How many terms the loss of this rollout batch averages over."""
 
     def check(self, policy: GRPOPolicy) -> None:  # noqa: B027 - optional hook, most objectives suit every policy
         """Raise a clear error now, not at the first update, if ``policy`` cannot be trained by this objective."""
@@ -57,23 +78,38 @@ class GRPO(PolicyObjective):
     def __init__(self, clip_eps: float = 0.2, scale_advantages: bool = True) -> None:
         self.clip_eps, self.scale_advantages = clip_eps, scale_advantages
 
+    def num_terms(self, rollout: Rollout, rewards: Tensor) -> int:
+        valid = group_advantages(rewards, rollout.group_size).valid.to(rollout.mask.device)
+        return int((rollout.mask.bool() & valid[:, None]).sum())
+
     def __call__(
-        self, policy: GRPOPolicy, reference: Any | None, rollout: Rollout, rewards: Tensor, beta: float
+        self,
+        policy: GRPOPolicy,
+        reference: Any | None,
+        rollout: Rollout,
+        rewards: Tensor,
+        beta: float,
+        old_logprobs: Tensor | None = None,
+        num_terms: float | None = None,
     ) -> ObjectiveOutput:
         adv = group_advantages(rewards, rollout.group_size, scale=self.scale_advantages)
         scores = policy.policy_scores(rollout, reference if beta > 0 else None)
-        assert scores.logp.shape == rollout.old_logprobs.shape, (scores.logp.shape, rollout.old_logprobs.shape)
+        # First update on these rollouts: the weights are the sampling ones, so the ratio's denominator is the
+        # policy's own log-probs, detached (as TRL with one update per generation; no second forward pass).
+        old = scores.logp.detach() if old_logprobs is None else old_logprobs
+        assert scores.logp.shape == old.shape == rollout.mask.shape, (scores.logp.shape, old.shape)
         out = grpo_loss(
             scores.logp,
-            rollout.old_logprobs,
+            old,
             adv.advantages.to(scores.logp.device),
             scores.mask,
             adv.valid,
             scores.kl,
             beta,
             self.clip_eps,
+            num_terms,
         )
-        return ObjectiveOutput(out.loss, out.kl, out.clip_frac, adv)
+        return ObjectiveOutput(out.loss, out.kl, out.clip_frac, adv, scores.logp.detach())
 
 
 class ForwardProcess(PolicyObjective):
@@ -100,9 +136,23 @@ class ForwardProcess(PolicyObjective):
                 f"--model.init_args.fwm_objective ForwardProcess needs a diffusion FWM; got {type(policy).__name__}"
             )
 
+    def num_terms(self, rollout: Rollout, rewards: Tensor) -> int:
+        return int(group_advantages(rewards, rollout.group_size).valid.sum())
+
     def __call__(
-        self, policy: GRPOPolicy, reference: Any | None, rollout: Rollout, rewards: Tensor, beta: float
+        self,
+        policy: GRPOPolicy,
+        reference: Any | None,
+        rollout: Rollout,
+        rewards: Tensor,
+        beta: float,
+        old_logprobs: Tensor | None = None,
+        num_terms: float | None = None,
     ) -> ObjectiveOutput:
+        if old_logprobs is not None:
+            raise ValueError(
+                "ForwardProcess makes one update per rollout batch (--model.init_args.updates_per_rollout 1)"
+            )
         adv = group_advantages(rewards, rollout.group_size)
         noised = policy.renoise_rollouts(rollout)
         x0_pred = policy.denoised_x0(rollout, noised)  # (N, C, h, w), with grad
@@ -115,7 +165,7 @@ class ForwardProcess(PolicyObjective):
                 x0_ref = reference.denoised_x0(rollout, noised)
             kl = ((x0_pred - x0_ref) ** 2).mean(dim=tuple(range(1, x0_pred.ndim)))
         valid = adv.valid.to(per_row)
-        n = valid.sum().clamp(min=1)
+        n = valid.sum().clamp(min=1) if num_terms is None else max(num_terms, 1)
         # Multiplying by the mask keeps every parameter in the graph (zero grads, not none, under DDP).
         loss = ((per_row + beta * kl) * valid).sum() / n
         return ObjectiveOutput(loss, (kl.detach() * valid).sum() / n, torch.zeros(()), adv)

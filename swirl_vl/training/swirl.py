@@ -23,6 +23,7 @@ from swirl_vl.eval.report import MetricTable
 from swirl_vl.models.base import Rollout
 from swirl_vl.models.token_fwm import TokenFWM
 from swirl_vl.models.token_idm import TokenIDM
+from swirl_vl.rl.grpo import group_advantages
 from swirl_vl.training.images import log_texts, log_transitions
 from swirl_vl.training.lora import LoraReference, LoraSpec, adapter_parameters, add_lora
 from swirl_vl.training.lr import LRSchedule, lr_factor
@@ -32,6 +33,15 @@ from swirl_vl.training.sft import FWMModule, IDMModule, finish_test_report, labe
 STAGES = ("sft", "phase1", "phase2")
 TRAINS = {"sft": ("fwm", "idm"), "phase1": ("fwm",), "phase2": ("idm",)}
 """The models that train in each stage."""
+
+
+def sampler_gap(logprobs: Tensor | None, rollout: Rollout) -> Tensor | None:
+    """Mean ``|log π − log π_sampler|`` over the rollout's positions: the update's log-probs against those the sampler
+    recorded. Float error only (≲ 1e-5) when scoring matches sampling; a temperature or truncation mismatch shows."""
+    if logprobs is None or not rollout.mask.any():
+        return None
+    m = rollout.mask
+    return (logprobs - rollout.old_logprobs.to(logprobs)).abs()[m].mean()
 
 
 def mean_token_logprob(logp: Tensor, mask: Tensor) -> Tensor:
@@ -73,6 +83,8 @@ class SwirlModule(LightningModule):
         rl_warmup_steps: int = 0,
         fresh_rl_optimizer: bool = True,
         fwm_objective: PolicyObjective | None = None,
+        rl_micro_batch_size: int | None = None,
+        updates_per_rollout: int = 1,
     ) -> None:
         """
         Args:
@@ -126,6 +138,11 @@ class SwirlModule(LightningModule):
             fwm_objective: Phase I's objective, by ``class_path``: ``swirl_vl.training.objectives.GRPO`` (None: GRPO with
                 ``clip_eps`` and ``scale_advantages``) or ``swirl_vl.training.objectives.ForwardProcess`` (DiffusionNFT,
                 diffusion FWMs). Phase II always uses GRPO.
+            rl_micro_batch_size: pairs per sampling pass and per forward/backward of an RL step (each holds
+                ``rl_micro_batch_size × G`` rollouts); their gradients add up to the whole step's, so peak memory is
+                bounded whatever ``rl_batch_size``. None: the whole step at once.
+            updates_per_rollout: optimiser steps on each batch of rollouts (GRPO's μ, TRL's ``num_iterations``); the
+                first one's log-probs are the old log-probs of the others. 1: on-policy, the ratio is 1 at every update.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["fwm", "idm", "fwm_objective"])
@@ -133,6 +150,12 @@ class SwirlModule(LightningModule):
             if g < 2:
                 raise ValueError(f"--model.{name} must be ≥ 2 for group-relative advantages; got {g}")
         self.automatic_optimization = False
+        for name, value in (
+            ("rl_micro_batch_size", rl_micro_batch_size or 1),
+            ("updates_per_rollout", updates_per_rollout),
+        ):
+            if value < 1:
+                raise ValueError(f"--model.init_args.{name} must be ≥ 1; got {value}")
         if sft_fwm_steps is not None and (sft_fwm_steps < 0 or shared_base):
             raise ValueError(
                 f"--model.sft_fwm_steps must be ≥ 0 and cannot be used with shared_base; got {sft_fwm_steps}"
@@ -161,6 +184,11 @@ class SwirlModule(LightningModule):
         self.idm_objective: PolicyObjective = GRPO(clip_eps, scale_advantages)
         self.fwm_objective: PolicyObjective = fwm_objective or self.idm_objective
         self.fwm_objective.check(fwm.model)
+        if updates_per_rollout > 1 and not isinstance(self.fwm_objective, GRPO):
+            raise ValueError(
+                f"--model.init_args.updates_per_rollout {updates_per_rollout} needs GRPO in Phase I; "
+                f"{type(self.fwm_objective).__name__} makes one update per rollout batch"
+            )
         self.fwm_ref: nn.Module | None = None
         self.idm_ref: nn.Module | None = None
         self.stage: str = "sft"
@@ -301,6 +329,12 @@ class SwirlModule(LightningModule):
             return pairs
         return {k: v[:n] for k, v in pairs.items()}
 
+    def _micro_batches(self, pairs: dict) -> list[dict]:
+        """``pairs`` in consecutive pieces of ``rl_micro_batch_size`` pairs (one piece without it)."""
+        n = len(pairs["x"])
+        size = self.hparams.rl_micro_batch_size or n
+        return [{k: v[i : i + size] for k, v in pairs.items()} for i in range(0, n, size)]
+
     def _step(self, opt: Any, loss: Tensor) -> None:
         opt.zero_grad()
         self.manual_backward(loss)
@@ -327,9 +361,12 @@ class SwirlModule(LightningModule):
 
     @torch.no_grad()
     def label_pairs(self, x: Tensor, y: Tensor) -> tuple[list[str], Tensor]:
-        """Greedy IDM labels for unlabelled pairs and their mean token log-prob ``(B,)``."""
-        labels = self.idm.model.sample(x, y, num_samples=1, greedy=True)
-        return labels.texts, mean_token_logprob(labels.old_logprobs, labels.mask)
+        """Greedy IDM labels for unlabelled pairs and their mean token log-prob ``(B,)`` (recorded while decoding)."""
+        labels = [
+            self.idm.model.sample(part["x"], part["y"], greedy=True) for part in self._micro_batches({"x": x, "y": y})
+        ]
+        texts = [t for r in labels for t in r.texts]
+        return texts, torch.cat([mean_token_logprob(r.old_logprobs, r.mask) for r in labels])
 
     def filtered_labels(self, pairs: dict) -> tuple[Tensor, Tensor, list[str]] | None:
         """The unlabelled pairs whose greedy IDM label passes ``min_label_logprob``: ``(x, y, z)``, or None."""
@@ -360,36 +397,45 @@ class SwirlModule(LightningModule):
     def phase1_fwm_step(self, pairs: dict, opt: Any) -> None:
         """Phase I: variational information maximisation; the FWM trains with reward ``log Q_φ(z | x, ŷ)``."""
         g = self.hparams.fwm_group_size
+        # Under DDP every rank must make as many backward passes: as many micro-batches as the unfiltered batch has,
+        # the ones left empty by the label filter contributing zero gradients.
+        num_chunks = len(self._micro_batches(pairs))
         labelled = self.filtered_labels(pairs)
         if labelled is None:
-            return self._zero_step(opt, self.fwm.model)
+            return self.update(self.fwm_objective, self.fwm.model, None, [None] * num_chunks, opt, 0.0, "phase1")
         x, y, z = labelled
+        chunks: list[tuple[Rollout, Tensor] | None] = []
         with torch.no_grad():
-            rollout = self.fwm.model.sample(x, z, num_samples=g, **(self.hparams.fwm_generation or {}))
-            x_rep, z_rep = x.repeat_interleave(g, 0), [a for a in z for _ in range(g)]
-            rewards = self.idm.model.log_likelihood(x_rep, rollout.images, z_rep).clamp(min=self.hparams.reward_floor)
-        self.update(
-            self.fwm_objective, self.fwm.model, self.fwm_ref, rollout, rewards, opt, self.hparams.fwm_beta, "phase1"
-        )
+            for part in self._micro_batches({"x": x, "z": z}):
+                rollout = self.fwm.model.sample(
+                    part["x"], part["z"], num_samples=g, **(self.hparams.fwm_generation or {})
+                )
+                x_rep, z_rep = part["x"].repeat_interleave(g, 0), [a for a in part["z"] for _ in range(g)]
+                rewards = self.idm.model.log_likelihood(x_rep, rollout.images, z_rep)
+                chunks.append((rollout, rewards.clamp(min=self.hparams.reward_floor)))
+        chunks += [None] * (num_chunks - len(chunks))
+        self.update(self.fwm_objective, self.fwm.model, self.fwm_ref, chunks, opt, self.hparams.fwm_beta, "phase1")
         if self._should_log_rollouts():
-            k = min(4, len(z))
-            ys = rollout.images.view(len(z), g, *rollout.images.shape[1:])[:k, : min(g, 4)]
-            captions = [f"{a} (reward {r:.2f})" for a, r in zip(z[:k], rewards.view(len(z), g)[:k, 0].tolist())]
+            rollout, rewards = chunks[0]  # never None: the first micro-batch holds the first kept pairs
+            k = min(4, rollout.num_samples // g)
+            ys = rollout.images.view(-1, g, *rollout.images.shape[1:])[:k, : min(g, 4)]
+            captions = [f"{a} (reward {r:.2f})" for a, r in zip(z[:k], rewards.view(-1, g)[:k, 0].tolist())]
             log_transitions(self.logger, "phase1/rollouts", x[:k], ys, y[:k], captions, self.global_step)
 
     def phase2_idm_step(self, pairs: dict, opt: Any) -> None:
         """Phase II: ELBO maximisation; the IDM trains with reward ``log P_θ(y | x, z)``."""
         g = self.hparams.idm_group_size
-        x, y = pairs["x"], pairs["y"]
+        chunks = []
         with torch.no_grad():
-            rollout = self.idm.model.sample(x, y, num_samples=g, **(self.hparams.idm_generation or {}))
-            x_rep, y_rep = x.repeat_interleave(g, 0), y.repeat_interleave(g, 0)
-            rewards = self.fwm.model.log_likelihood(x_rep, rollout.texts, y_rep, group_size=g)
-            rewards = rewards.clamp(min=self.hparams.reward_floor)
-        self.update(
-            self.idm_objective, self.idm.model, self.idm_ref, rollout, rewards, opt, self.hparams.idm_beta, "phase2"
-        )
+            for part in self._micro_batches({"x": pairs["x"], "y": pairs["y"]}):
+                x, y = part["x"], part["y"]
+                rollout = self.idm.model.sample(x, y, num_samples=g, **(self.hparams.idm_generation or {}))
+                x_rep, y_rep = x.repeat_interleave(g, 0), y.repeat_interleave(g, 0)
+                rewards = self.fwm.model.log_likelihood(x_rep, rollout.texts, y_rep, group_size=g)
+                chunks.append((rollout, rewards.clamp(min=self.hparams.reward_floor)))
+        self.update(self.idm_objective, self.idm.model, self.idm_ref, chunks, opt, self.hparams.idm_beta, "phase2")
         if self._should_log_rollouts():
+            rollout, rewards = chunks[0]
             lines = [f"`{t}` reward {r:.3f}" for t, r in zip(rollout.texts[: 2 * g], rewards[: 2 * g].tolist())]
             log_texts(self.logger, "phase2/sampled_actions", lines, self.global_step)
 
@@ -398,26 +444,53 @@ class SwirlModule(LightningModule):
         objective: PolicyObjective,
         policy: nn.Module,
         reference: nn.Module | None,
-        rollout: Rollout,
-        rewards: Tensor,
+        chunks: list[tuple[Rollout, Tensor] | None],
         opt: Any,
         beta: float,
         prefix: str,
     ) -> None:
-        """One step of ``policy`` on ``rollout`` scored by ``rewards (N,)`` under ``objective``; logs the phase's scalars."""
-        assert rewards.shape == (rollout.num_samples,), (rewards.shape, rollout.num_samples)
-        out = objective(policy, reference, rollout, rewards, beta)
-        adv = out.advantages
-        self._step(opt, out.loss)
+        """``updates_per_rollout`` steps of ``policy`` on rollout micro-batches ``(rollout, rewards (N,))``, each step
+        one backward per micro-batch (gradients accumulate to the whole batch's), under ``objective``; logs the
+        phase's scalars. A None micro-batch (no pair kept) takes part with a zero loss, as DDP needs."""
+        live = [chunk for chunk in chunks if chunk is not None]
+        for rollout, rewards in live:
+            assert rewards.shape == (rollout.num_samples,), (rewards.shape, rollout.num_samples)
+        total = sum(objective.num_terms(rollout, rewards) for rollout, rewards in live)
+        old: list[Tensor | None] = [None] * len(chunks)
+        gaps: list[Tensor] = []
+        for _ in range(self.hparams.updates_per_rollout):
+            opt.zero_grad()
+            outs = []
+            for i, chunk in enumerate(chunks):
+                if chunk is None:
+                    self.manual_backward(sum(p.sum() * 0 for p in policy.parameters() if p.requires_grad))
+                    continue
+                rollout, rewards = chunk
+                out = objective(policy, reference, rollout, rewards, beta, old_logprobs=old[i], num_terms=total)
+                self.manual_backward(out.loss)
+                if old[i] is None and (gap := sampler_gap(out.logprobs, rollout)) is not None:
+                    gaps.append(gap)
+                old[i] = out.logprobs
+                outs.append(out)
+            if self.hparams.grad_clip:
+                self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            opt.step()
+        if not live:
+            return
+        rewards = torch.cat([r for _, r in live])
+        adv = group_advantages(rewards, live[0][0].group_size)  # the whole batch's, for the logs
         finite = rewards[torch.isfinite(rewards)].float()
-        n = rollout.num_samples
+        n = rewards.numel()
         self.log(f"{prefix}/reward_mean", finite.mean() if finite.numel() else torch.nan, prog_bar=True, batch_size=n)
         self.log(f"{prefix}/reward_std", finite.std() if finite.numel() > 1 else torch.nan, batch_size=n)
-        self.log(f"{prefix}/kl", out.kl, batch_size=n)
-        self.log(f"{prefix}/clip_frac", out.clip_frac, batch_size=n)
+        # Each micro-batch's figure is its share of the batch's (divided by the batch's count): they add up.
+        self.log(f"{prefix}/kl", sum(out.kl for out in outs), batch_size=n)
+        self.log(f"{prefix}/clip_frac", sum(out.clip_frac for out in outs), batch_size=n)
+        self.log(f"{prefix}/loss", sum(out.loss.detach() for out in outs), batch_size=n)
         self.log(f"{prefix}/frac_zero_std", adv.frac_zero_std, batch_size=n)
         self.log(f"{prefix}/nonfinite_groups", float(adv.num_nonfinite_groups), batch_size=n, reduce_fx="sum")
-        self.log(f"{prefix}/loss", out.loss.detach(), batch_size=n)
+        if gaps:
+            self.log(f"{prefix}/sampler_logprob_gap", torch.stack(gaps).mean(), batch_size=n)
 
     def _should_log_rollouts(self) -> bool:
         every = self.hparams.log_rollouts_every_n_steps

@@ -1,0 +1,75 @@
+"""What the token backends share around ``generate``: group sampling that prefills each prompt once, and the
+sampler's own log-probs, recorded as it samples (no second forward pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import LogitsProcessor
+
+
+class RecordLogprobs(LogitsProcessor):
+    """Records the log-prob of every generated token under ``log_softmax(scores / temperature)``.
+
+    Placed in ``generate``'s ``logits_processor`` list, it runs after transformers' built-in processors and the ones
+    listed before it (e.g. a restriction to image tokens), and before the sampling warpers (temperature, top-k,
+    top-p): so it sees the scores the policy is defined by, and the token chosen at step ``t`` is read from
+    ``input_ids`` at step ``t + 1`` (the last one by ``finish``). Only one step's ``(N, V)`` log-softmax is held.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = temperature
+        self._steps: list[Tensor] = []
+        self._pending: Tensor | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self._pending is not None:
+            self._steps.append(self._pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self._pending = (scores.float() / self.temperature).log_softmax(-1)
+        return scores
+
+    def finish(self, sequences: Tensor) -> Tensor:
+        """``(N, L)`` log-probs of the ``L`` generated tokens, the last ``L`` columns of ``sequences``."""
+        if self._pending is not None:
+            self._steps.append(self._pending.gather(-1, sequences[:, -1:]).squeeze(-1))
+            self._pending = None
+        steps, self._steps = self._steps, []
+        return torch.stack(steps, 1)
+
+
+def generate_groups(
+    model: nn.Module, inputs: Mapping[str, Tensor], group_size: int, share_prefill: bool = True, **generate_kwargs: Any
+) -> Tensor:
+    """``model.generate`` with every prompt of ``inputs`` (left-padded, ``B`` rows) repeated ``group_size`` times,
+    group-major; returns the ``(B * group_size, T + L)`` sequences.
+
+    ``share_prefill``: run the prompts through the model once (``B`` rows, not ``B * G``) and repeat their KV cache
+    ``G`` times before decoding, instead of ``num_return_sequences``, which prefills ``G`` identical copies (vision
+    tower included). Only for models whose positions follow the attention mask (not multimodal RoPE).
+    """
+    if group_size == 1 or not share_prefill:
+        return model.generate(**inputs, num_return_sequences=group_size, **generate_kwargs)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() computes them for left padding
+    # Everything but the last prompt token: generate() runs that one itself and samples from its logits.
+    prefill = model(
+        input_ids=ids[:, :-1],
+        attention_mask=mask[:, :-1],
+        position_ids=positions[:, :-1],
+        use_cache=True,
+        logits_to_keep=1,
+        **extra,
+    )
+    cache = prefill.cache
+    cache.batch_repeat_interleave(group_size)
+    return model.generate(
+        input_ids=ids.repeat_interleave(group_size, 0),
+        attention_mask=mask.repeat_interleave(group_size, 0),
+        cache=cache,
+        **generate_kwargs,
+    )
