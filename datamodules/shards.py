@@ -2,7 +2,7 @@
 
 One sample = one trajectory: ``{key}.0.png``, ``{key}.1.png``, … (or ``.jpg``), ``{key}.actions.json``
 (``T-1`` entries, text or null) and ``{key}.meta.json`` (``{"task", "source", ...}``). Bad samples and bad
-shards are skipped and counted in a ``SkipCounter``, never fatal.
+shards are skipped and counted in a ``SkipCounter``, never fatal and never silent.
 """
 
 from __future__ import annotations
@@ -15,19 +15,31 @@ import tarfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image, ImageOps
 
 _FRAME = re.compile(r"(\d+)\.(png|jpg|jpeg)")
+_MEMBER = re.compile(r"((?:.*/|)[^.]+)[.]([^/]*)")  # webdataset's split: key up to the first '.' of the last part
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
-SKIP_REASONS = ("bad_shard", "bad_image", "missing_state", "bad_json", "actions_length", "bad_action", "task")
+SKIP_REASONS = (
+    "bad_shard",
+    "duplicate_key",
+    "duplicate_member",
+    "bad_image",
+    "missing_state",
+    "bad_json",
+    "actions_length",
+    "missing_actions",
+    "bad_action",
+    "bad_task",
+    "task",
+)
 
 
 @dataclass
@@ -51,11 +63,12 @@ class DecodedTrajectory:
     url: str = ""
 
     def task_at(self, t: int) -> str:
-        """Task of step ``t``: per-step ``meta["tasks"]`` when present (sprites), else ``meta["task"]``."""
+        """Task of step ``t``: per-step ``meta["tasks"]`` when present (sprites), else ``meta["task"]``; "" if none."""
         tasks = self.meta.get("tasks")
         if isinstance(tasks, list) and len(tasks) == len(self.actions) and isinstance(tasks[t], str):
             return tasks[t]
-        return str(self.meta.get("task", ""))
+        task = self.meta.get("task")
+        return task if isinstance(task, str) else ""
 
 
 class SampleError(ValueError):
@@ -66,35 +79,37 @@ class SampleError(ValueError):
         self.reason, self.detail = reason, message
 
 
-@dataclass
 class SkipCounter:
-    """Counts skipped samples by reason and warns (a few times per reason, so logs stay readable).
+    """Counts skipped samples by reason (``SKIP_REASONS``) and warns, a few times per reason and process.
 
-    Samples left out by a task filter are counted but not warned about: that was asked for.
+    The counts live in shared memory, one row per process (0: the process that made the counter, 1 + i:
+    DataLoader worker i), so the workers' skips reach the totals and no two processes write the same cell.
+    ``workers``: how many DataLoader workers may record. Samples left out by a task filter are counted but
+    not warned about: that was asked for.
     """
 
-    counts: Counter = field(default_factory=Counter)
-    max_warnings: int = 5
+    def __init__(self, workers: int = 0, max_warnings: int = 5) -> None:
+        self.workers, self.max_warnings = workers, max_warnings
+        self._table = torch.zeros(workers + 1, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
 
     def record(self, reason: str, message: str) -> None:
-        self.counts[reason] += 1
-        if reason != "task" and self.counts[reason] <= self.max_warnings:
+        info = torch.utils.data.get_worker_info()
+        row, column = 0 if info is None else 1 + info.id, SKIP_REASONS.index(reason)
+        if row > self.workers:
+            raise RuntimeError(
+                f"DataLoader worker {row - 1} records into a SkipCounter made for {self.workers} workers"
+            )
+        self._table[row, column] += 1
+        if reason != "task" and self._table[row, column] <= self.max_warnings:
             warnings.warn(f"skipped ({reason}): {message}", stacklevel=2)
+
+    @property
+    def counts(self) -> Counter:
+        """Skips by reason, summed over the processes; reasons never seen are left out."""
+        return Counter({r: n for r, n in zip(SKIP_REASONS, self._table.sum(0).tolist()) if n})
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.counts)
-
-
-class ShardErrorHandler:
-    """webdataset exception handler: like ``warn_and_continue`` (without its sleep), counting bad shards."""
-
-    def __init__(self, skipped: SkipCounter) -> None:
-        self.skipped = skipped
-
-    def __call__(self, exn: Exception) -> bool:
-        shard = next((str(a) for a in reversed(exn.args) if isinstance(a, str) and ".tar" in a), "?")
-        self.skipped.record("bad_shard", f"unreadable or truncated shard {shard}: {exn.args[0] if exn.args else exn!r}")
-        return True
 
 
 def _encode_image(image: Image.Image | bytes) -> tuple[str, bytes]:
@@ -184,6 +199,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode → RGB: alpha composited on white, 16/32-bit and float scaled to 8 bits, CMYK/P/L converted."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{image.mode} image holds NaN or infinite values")
         if image.mode.startswith("I;16") or (image.mode == "I" and arr.max(initial=0) > 255):
             arr = arr / 257.0  # 65535 → 255
         elif image.mode == "F" and arr.max(initial=0) <= 1.0:
@@ -220,31 +237,44 @@ def decode_trajectory(
     sample: dict[str, Any],
     image_size: int | None,
     tasks: Iterable[str] | None = None,
-    require_actions: bool = False,
+    labelled: bool = False,
 ) -> DecodedTrajectory:
-    """Raw webdataset sample → ``DecodedTrajectory``; raises ``SampleError`` (a ``ValueError``) when unusable.
+    """Raw sample → ``DecodedTrajectory``; raises ``SampleError`` (a ``ValueError``) when unusable.
 
-    ``require_actions``: every action must be a non-empty string (labelled data); otherwise actions that
-    are not non-empty strings become None. ``tasks``: keep only trajectories with a step in these tasks.
+    ``labelled`` (labelled, val and test data): every step needs a non-empty action and a task; otherwise
+    actions that are not non-empty strings become None. ``tasks``: keep only trajectories with a step in these.
     """
     key = str(sample.get("__key__", "?"))
     where = f"sample {key} in {sample.get('__url__', '?')}"
     meta = _load_json(sample, "meta.json", where) if "meta.json" in sample else {}
     if not isinstance(meta, dict):
         raise SampleError("bad_json", f"{where}: meta.json must be an object")
-    frames = {int(m.group(1)): name for name in sample if (m := _FRAME.fullmatch(name))}
+    frames: dict[int, str] = {}
+    for name in sample:
+        if m := _FRAME.fullmatch(name):
+            if int(m.group(1)) in frames:
+                raise SampleError(
+                    "duplicate_member", f"{where}: frame {m.group(1)} given twice ({frames[int(m.group(1))]}, {name})"
+                )
+            frames[int(m.group(1))] = name
     length = len(frames)
     if length < 2 or sorted(frames) != list(range(length)):
         raise SampleError("missing_state", f"{where}: frames {sorted(frames)} are not 0..T-1 with T >= 2")
-    # missing actions.json = state-only data
-    actions = _load_json(sample, "actions.json", where) if "actions.json" in sample else [None] * (length - 1)
+    if "actions.json" in sample:
+        actions = _load_json(sample, "actions.json", where)
+    elif labelled:
+        raise SampleError("missing_actions", f"{where}: no actions.json in a split that needs actions")
+    else:
+        actions = [None] * (length - 1)  # state-only data
     if not isinstance(actions, list) or len(actions) != length - 1:
         raise SampleError("actions_length", f"{where}: {length} frames need a list of {length - 1} actions")
     usable = [isinstance(a, str) and a.strip() != "" for a in actions]
-    if require_actions and not all(usable):
+    if labelled and not all(usable):
         raise SampleError("bad_action", f"{where}: empty or non-string action in {actions!r}")
     actions = [a.strip() if ok else None for a, ok in zip(actions, usable)]
     record = DecodedTrajectory(key, torch.empty(0), actions, meta, str(sample.get("__url__", "")))
+    if labelled and not all(record.task_at(t).strip() for t in range(length - 1)):
+        raise SampleError("bad_task", f"{where}: task {meta.get('task')!r} is not a non-empty string")
     if tasks is not None:
         wanted = set(tasks)
         if not any(record.task_at(t) in wanted for t in range(length - 1)):
@@ -259,9 +289,57 @@ def decode_trajectory(
     return record
 
 
-def iter_samples(urls: Iterable[str], handler: ShardErrorHandler) -> Iterator[dict[str, Any]]:
-    """Raw samples of the given shards, in order; unreadable or truncated shards go to ``handler``."""
-    return wds.tarfile_samples(({"url": u} for u in urls), handler=handler)
+def iter_samples(urls: Iterable[str], skipped: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{"__key__", "__url__", "0.png": bytes, ...}`` of local tar shards, in order.
+
+    Members group into samples as in webdataset (key: the name up to the first '.' of its last part; extension
+    lower-cased), but nothing is lost unseen: a shard that cannot be read or that stops before its end-of-archive
+    marker (truncated, or a garbage header that ``tarfile`` takes for the end) counts as ``bad_shard``, and the
+    sample it was reading is dropped; a sample holding a member twice counts as ``duplicate_member``; a key seen
+    before in these shards counts as ``duplicate_key`` (the first sample with it is kept).
+    """
+    seen: set[str] = set()
+    for url in urls:
+        yield from _shard_samples(url, seen, skipped)
+
+
+def _shard_samples(url: str, seen: set[str], skipped: SkipCounter) -> Iterator[dict[str, Any]]:
+    sample: dict[str, Any] = {}
+    problem: tuple[str, str] | None = None  # (reason, detail) that makes the sample being read unusable
+    try:
+        with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                match = _MEMBER.fullmatch(member.name)
+                if not member.isreg() or match is None:
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                if key != sample.get("__key__"):
+                    if sample:
+                        yield from _finish(sample, problem, skipped)
+                    sample, problem = {"__key__": key, "__url__": url}, None
+                    if key in seen:
+                        problem = ("duplicate_key", f"sample {key} in {url}: key seen before; the first is kept")
+                    seen.add(key)
+                if ext in sample and problem is None:
+                    problem = ("duplicate_member", f"sample {key} in {url}: {member.name} appears twice")
+                data = tar.extractfile(member).read()
+                sample.setdefault(ext, data)
+            f.seek(tar.offset)
+            if f.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"no end-of-archive marker at byte {tar.offset} (truncated or garbage header)")
+    except (OSError, tarfile.TarError) as exn:
+        lost = f"; sample {sample['__key__']} and any after it are lost" if sample else ""
+        skipped.record("bad_shard", f"unreadable or truncated shard {url}: {exn}{lost}")
+        return
+    if sample:
+        yield from _finish(sample, problem, skipped)
+
+
+def _finish(sample: dict[str, Any], problem: tuple[str, str] | None, skipped: SkipCounter) -> Iterator[dict[str, Any]]:
+    if problem is None:
+        yield sample
+    else:
+        skipped.record(*problem)
 
 
 def iter_trajectories(
@@ -269,11 +347,11 @@ def iter_trajectories(
     image_size: int | None,
     skipped: SkipCounter,
     tasks: Iterable[str] | None = None,
-    require_actions: bool = False,
+    labelled: bool = False,
 ) -> Iterator[DecodedTrajectory]:
     """Decoded trajectories of the given shards, in order; bad samples are skipped and counted."""
-    for sample in iter_samples(urls, ShardErrorHandler(skipped)):
+    for sample in iter_samples(urls, skipped):
         try:
-            yield decode_trajectory(sample, image_size, tasks, require_actions)
+            yield decode_trajectory(sample, image_size, tasks, labelled)
         except SampleError as exn:
             skipped.record(exn.reason, exn.detail)

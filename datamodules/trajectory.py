@@ -4,7 +4,7 @@ A pair batch is a dict::
 
     x        (B, 3, H, W) float in [0, 1]   state before the action
     y        (B, 3, H, W) float in [0, 1]   state after the action
-    action   list[str]   the action text; "" when unknown and always "" for the unlabelled split
+    action   list[str]   the action text; "" for the unlabelled split (the others skip trajectories lacking one)
     task     list[str]   task of the step (sprites: the action type)
     key      list[str]   "{trajectory key}/{step}"
     x_state  list[str]   JSON of the ground-truth state before (sprites), "" when unknown
@@ -202,13 +202,13 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.tasks = list(tasks) if tasks is not None else None
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
-        self._skipped = SkipCounter()
+        self._skipped = {split: SkipCounter(workers=num_workers) for split in SPLITS}
         self._trajectories: dict[str, list[DecodedTrajectory]] = {}
 
     @property
-    def skipped(self) -> dict[str, int]:
-        """Skipped samples by reason, counted in this process (not inside DataLoader workers)."""
-        return self._skipped.as_dict()
+    def skipped(self) -> dict[str, dict[str, int]]:
+        """Skipped samples by split and reason, in this process and its DataLoader workers (this device only)."""
+        return {split: counter.as_dict() for split, counter in self._skipped.items()}
 
     def shards(self, split: str) -> list[str]:
         """The shard files of a split, sorted; a clear error when its pattern matches none."""
@@ -265,14 +265,16 @@ class TrajectoryDataModule(L.LightningDataModule):
     def trajectories(self, split: str) -> list[DecodedTrajectory]:
         """Whole trajectories of a split (loaded once, in shard order), for multi-turn evaluation.
 
-        The unlabelled split comes with its actions blanked to None: it is state-only by definition.
+        The unlabelled split comes with its actions blanked to None: it is state-only by definition. The other
+        splits keep only trajectories with an action and a task at every step, so that evaluation never runs
+        under an empty instruction; the rest are counted in ``skipped``.
         """
         if split not in self._trajectories:
             shards = self.shards(split)
-            labelled = split == "labelled"
-            trajs = list(iter_trajectories(shards, self.image_size, self._skipped, self.tasks, labelled))
+            labelled = split != "unlabelled"
+            trajs = list(iter_trajectories(shards, self.image_size, self._skipped[split], self.tasks, labelled))
             if not trajs:
-                raise RuntimeError(f"split '{split}': no valid trajectory in {shards}; skipped: {self.skipped}")
+                raise RuntimeError(f"split '{split}': no valid trajectory in {shards}; skipped: {self.skipped[split]}")
             if split == "unlabelled":
                 for traj in trajs:
                     traj.actions = [None] * len(traj.actions)
@@ -304,7 +306,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             ResampledShards(urls, seed),
             wds.split_by_node,
             wds.split_by_worker,
-            _ReadPairs(urls, self.image_size, self._skipped, self.tasks, labelled=split == "labelled"),
+            _ReadPairs(urls, self.image_size, self._skipped[split], self.tasks, labelled=split == "labelled"),
             _Shuffle(self.shuffle_buffer, seed),
             wds.batched(self.batch_size, collation_fn=collate_pairs, partial=False),
         )

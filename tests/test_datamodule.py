@@ -1,6 +1,8 @@
 """TrajectoryDataModule / SpriteDataModule: batch format, epochs, errors, preparation, determinism."""
 
+import io
 import json
+import tarfile
 import warnings
 from pathlib import Path
 
@@ -117,7 +119,67 @@ def test_corrupt_shards_are_skipped_in_training(root: Path, tmp_path: Path) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert len(list(dm.train_dataloader()["unlabelled"])) == 50
-    assert dm.skipped.get("bad_shard", 0) >= 1
+    assert dm.skipped["unlabelled"].get("bad_shard", 0) >= 1
+
+
+def _rewrite_samples(source: Path, target: Path, edits: dict[str, dict[str, bytes | None]]) -> None:
+    """Copy a shard, replacing (bytes) or dropping (None) members of the samples named in ``edits``."""
+    with tarfile.open(source) as src, tarfile.open(target, "w") as dst:
+        for member in src.getmembers():
+            key, name = member.name.split(".", 1)
+            data = edits.get(key, {}).get(name, src.extractfile(member).read())
+            if data is not None:
+                info = tarfile.TarInfo(member.name)
+                info.size = len(data)
+                dst.addfile(info, io.BytesIO(data))
+
+
+def test_eval_splits_skip_trajectories_without_actions_or_task(root: Path, tmp_path: Path) -> None:
+    (val_shard,) = sorted((root / "val").glob("*.tar"))
+    meta = json.loads(tarfile.open(val_shard).extractfile("sprites-val-000000.meta.json").read())
+    untasked = json.dumps({k: v for k, v in meta.items() if k not in ("task", "tasks")}).encode()
+    edits = {
+        "sprites-val-000000": {"actions.json": b'["", "move the red square left"]'},
+        "sprites-val-000001": {"actions.json": b"[null, null]"},
+        "sprites-val-000002": {"actions.json": b'[7, "x"]'},
+        "sprites-val-000003": {"actions.json": None},
+        "sprites-val-000004": {"meta.json": untasked},
+        "sprites-val-000005": {"meta.json": json.dumps({**meta, "task": None, "tasks": None}).encode()},
+    }
+    (tmp_path / "val").mkdir()
+    _rewrite_samples(val_shard, tmp_path / "val" / "v.tar", edits)
+    dm = TrajectoryDataModule(str(tmp_path), test=str(root / "test" / "*.tar"))
+    with pytest.warns(UserWarning, match="skipped"):
+        pairs = dm.pairs("val")
+    assert len(pairs) == 2 * 4 and all(p["action"] and p["task"] for p in pairs)  # 10 trajectories, 6 unusable
+    dm.pairs("test")
+    assert dm.skipped == {
+        "labelled": {},
+        "unlabelled": {},
+        "val": {"bad_action": 3, "missing_actions": 1, "bad_task": 2},
+        "test": {},
+    }
+
+
+def test_skips_in_dataloader_workers_are_counted_per_split(root: Path, tmp_path: Path) -> None:
+    write_sprite_splits(tmp_path / "one", labelled=1, unlabelled=1, val=1, test=1)  # 2 pairs: many shard draws
+    (tmp_path / "good.tar").write_bytes((tmp_path / "one" / "unlabelled" / "sprites-000000.tar").read_bytes())
+    (tmp_path / "bad.tar").write_bytes(b"garbage" * 100)
+    dm = TrajectoryDataModule(
+        str(tmp_path),
+        labelled="good.tar",
+        unlabelled="*.tar",
+        batch_size=4,
+        pairs_per_epoch=32,
+        num_workers=2,
+        shuffle_buffer=8,
+    )
+    torch.manual_seed(0)  # the workers' shard draws follow the loader's base seed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for loader in dm.train_dataloader().values():
+            assert len(list(loader)) == 8
+    assert dm.skipped["labelled"] == {} and dm.skipped["unlabelled"]["bad_shard"] >= 2  # both workers drew it
 
 
 def test_nothing_valid_names_the_shards(tmp_path: Path) -> None:

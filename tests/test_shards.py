@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +129,87 @@ def test_corrupt_and_truncated_shards_are_skipped(tmp_path: Path) -> None:
     assert skipped.counts["bad_shard"] >= 2
 
 
+def _cut_at_sample(path: Path, index: int, garbage: bool) -> None:
+    """Damage a shard at the header of sample ``index``'s first member: cut the file there, or overwrite that header."""
+    with tarfile.open(path) as tar:
+        offset = tar.getmembers()[4 * index].offset  # 2 frames, actions.json, meta.json per sample
+    data = path.read_bytes()
+    path.write_bytes(data[:offset] + (b"garbage!" * 64 + data[offset + 512 :] if garbage else b""))
+
+
+@pytest.mark.parametrize("garbage", [False, True], ids=["cut_at_a_member_boundary", "garbage_header"])
+def test_shards_damaged_mid_file_are_counted(tmp_path: Path, garbage: bool) -> None:
+    (path,) = write_shards([_traj(i, length=2) for i in range(6)], tmp_path, shard_size=6)
+    _cut_at_sample(path, 3, garbage)  # tarfile takes either for the end of the archive
+    skipped = SkipCounter()
+    with pytest.warns(UserWarning, match=r"shard.*traj-0002 and any after it are lost"):
+        back = list(iter_trajectories([str(path)], 32, skipped))
+    # traj-0002 looks whole but cannot be told from one cut before its last members, so it goes too
+    assert [t.key for t in back] == ["traj-0000", "traj-0001"] and skipped.as_dict() == {"bad_shard": 1}
+
+
+def test_duplicate_keys_and_members_are_counted(tmp_path: Path) -> None:
+    twice = _good("twice")
+    png_and_jpg = {**_good("both"), "0.jpg": _encode(_image(1), "JPEG")}
+    shard = tmp_path / "s.tar"
+    _raw_shard(shard, [_good("ok1"), png_and_jpg, _good("ok2"), _good("ok1"), _good("ok3")])
+    with tarfile.open(shard, "a") as tar:  # the same member twice in a row
+        for name in ("0.png", "0.png", "1.png", "actions.json"):
+            info = tarfile.TarInfo(f"twice.{name}")
+            info.size = len(twice[name])
+            tar.addfile(info, io.BytesIO(twice[name]))
+    skipped = SkipCounter()
+    with pytest.warns(UserWarning, match="duplicate"):
+        back = list(iter_trajectories([str(shard)], 32, skipped))
+    assert [t.key for t in back] == ["ok1", "ok2", "ok3"]
+    assert skipped.as_dict() == {"duplicate_member": 2, "duplicate_key": 1}
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_float_images_are_bad(value: float) -> None:
+    pixels = np.zeros((8, 8), dtype=np.float32)
+    pixels[3, 4] = value
+    with pytest.raises(SampleError, match="NaN or infinite") as info:
+        decode_image(_encode(Image.fromarray(pixels), "TIFF"), 8)
+    assert info.value.reason == "bad_image"
+
+
+def test_labelled_reading_needs_an_action_and_a_task_at_every_step() -> None:
+    no_actions = {k: v for k, v in _good("k").items() if k != "actions.json"}
+    cases = {
+        "missing_actions": no_actions,
+        "bad_action": {**_good("k"), "actions.json": b"[null]"},
+        "bad_task": {**_good("k"), "meta.json": b'{"source": "test"}'},
+    }
+    for reason, sample in cases.items():
+        with pytest.raises(SampleError) as info:
+            decode_trajectory(sample, 32, labelled=True)
+        assert info.value.reason == reason
+    assert decode_trajectory(no_actions, 32).actions == [None]  # state-only reading: unknown
+    numbered = decode_trajectory({**_good("k"), "meta.json": b'{"task": 7}'}, 32)
+    assert numbered.task_at(0) == ""  # never the text "7" or "None"
+
+
+def test_counts_from_dataloader_workers_reach_the_counter(tmp_path: Path) -> None:
+    class Record(torch.utils.data.Dataset):
+        def __init__(self, skipped: SkipCounter) -> None:
+            self.skipped = skipped
+
+        def __len__(self) -> int:
+            return 6
+
+        def __getitem__(self, i: int) -> int:
+            self.skipped.record("bad_image" if i % 2 else "task", f"item {i}")
+            return i
+
+    skipped = SkipCounter(workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert sorted(torch.utils.data.DataLoader(Record(skipped), batch_size=None, num_workers=2)) == list(range(6))
+    skipped.record("task", "main process")
+    assert skipped.as_dict() == {"bad_image": 3, "task": 4}
+
+
 def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     broken_image = _good("badimg")
     broken_image["1.png"] = b"\x89PNG\r\n\x1a\n not really"
@@ -151,7 +233,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     )
     skipped = SkipCounter()
     with pytest.warns(UserWarning):
-        back = list(iter_trajectories([str(shard)], 32, skipped, tasks=["t"], require_actions=True))
+        back = list(iter_trajectories([str(shard)], 32, skipped, tasks=["t"], labelled=True))
     assert [t.key for t in back] == ["ok1", "ok2"]
     assert skipped.as_dict() == {
         "bad_image": 1,
@@ -163,7 +245,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     }
     # unlabelled reading: an empty action just means "unknown"
     with pytest.warns(UserWarning):
-        back = list(iter_trajectories([str(shard)], 32, SkipCounter(), tasks=None, require_actions=False))
+        back = list(iter_trajectories([str(shard)], 32, SkipCounter(), tasks=None, labelled=False))
     assert [t.actions for t in back if t.key == "empty"] == [[None]]
 
 
@@ -171,7 +253,7 @@ def test_decode_trajectory_raises_value_error() -> None:
     with pytest.raises(ValueError, match="missing_state"):
         decode_trajectory({"__key__": "k", "0.png": _encode(_image(0))}, 32)
     with pytest.raises(SampleError) as info:
-        decode_trajectory({**_good("k"), "actions.json": b"[1]"}, 32, require_actions=True)
+        decode_trajectory({**_good("k"), "actions.json": b"[1]"}, 32, labelled=True)
     assert info.value.reason == "bad_action"
 
 
