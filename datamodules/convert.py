@@ -4,6 +4,10 @@
 
 ``aurora``: the Aurora-Bench layout (a JSON list of ``{"input", "output", "instruction", "task", ...}`` with
 image paths relative to ``--root``); one pair (T = 2) per entry, the instruction as the action.
+
+A conversion never destroys data: the new shards are written into a staging folder beside ``--out`` that
+replaces the old ``aurora-*.tar`` only once complete, and one that would write nothing is an error that
+leaves ``--out`` as it was.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import re
 import sys
 from collections import Counter
@@ -21,7 +26,7 @@ from typing import Any
 
 from PIL import Image
 
-from .shards import Trajectory, to_rgb, write_shards
+from .shards import Trajectory, staged_folder, to_rgb, write_shards
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -41,8 +46,11 @@ class ConversionReport:
         self.details.append((index, reason, detail))
 
     def summary(self) -> str:
+        return f"written {self.written} pairs in {len(self.shards)} shards; {self.skips()}"
+
+    def skips(self) -> str:
         reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items())) or "none"
-        return f"written {self.written} pairs in {len(self.shards)} shards; skipped {self.skipped.total()} ({reasons})"
+        return f"skipped {self.skipped.total()} ({reasons})"
 
 
 def _load_image(path: Path, image_size: int | None) -> Image.Image | bytes:
@@ -58,6 +66,13 @@ def _load_image(path: Path, image_size: int | None) -> Image.Image | bytes:
     return image
 
 
+def _inside(root: Path, relative: str) -> Path | None:
+    """``root / relative`` unless that leaves ``root`` (an absolute path or '..'); judged on the names, so that
+    symlinks the user placed inside ``root`` still work."""
+    path = Path(os.path.abspath(root / relative))
+    return path if path.is_relative_to(os.path.abspath(root)) else None
+
+
 def _aurora_trajectories(
     entries: list[Any], root: Path, stem: str, tasks: set[str] | None, image_size: int | None, report: ConversionReport
 ) -> Iterator[Trajectory]:
@@ -66,6 +81,9 @@ def _aurora_trajectories(
             report.skip(i, "bad_entry", f"not an object: {entry!r:.80}")
             continue
         task, instruction = entry.get("task"), entry.get("instruction")
+        if not isinstance(task, str) or not task.strip():
+            report.skip(i, "bad_task", f"task {task!r}")
+            continue
         if tasks is not None and task not in tasks:
             report.skip(i, "task", f"task {task!r} not selected")
             continue
@@ -75,9 +93,12 @@ def _aurora_trajectories(
         if not entry.get("input") or not entry.get("output"):
             report.skip(i, "no_output" if entry.get("input") else "no_input", "entry has no image path")
             continue
+        paths = [_inside(root, str(entry[name])) for name in ("input", "output")]
+        if None in paths:
+            report.skip(i, "outside_root", f"{entry['input']!r} or {entry['output']!r} leaves {root}")
+            continue
         images = []
-        for name in ("input", "output"):
-            path = root / str(entry[name])
+        for path in paths:
             try:
                 images.append(_load_image(path, image_size))
             except FileNotFoundError:
@@ -89,7 +110,7 @@ def _aurora_trajectories(
         if len(images) != 2:
             continue
         extra = {k: v for k, v in entry.items() if k not in ("instruction", "task")}
-        meta = {"task": str(task), "source": "aurora-bench", "index": i, **extra}
+        meta = {"task": task, "source": "aurora-bench", "index": i, **extra}
         report.written += 1
         yield Trajectory(f"aurora-{stem}-{i:06d}", images, [instruction.strip()], meta)
 
@@ -102,14 +123,27 @@ def convert_aurora(
     shard_size: int = 500,
     image_size: int | None = None,
 ) -> ConversionReport:
-    """Aurora-Bench JSON + images → ``out/aurora-*.tar``; unknown ``tasks`` raise a ValueError listing known ones."""
+    """Aurora-Bench JSON + images → ``out/aurora-*.tar``, replacing the ones there only once all are written.
+
+    Raises a ValueError (``out`` left as it was) for bad settings, unknown ``tasks`` (listing the known ones),
+    a JSON file that is not a list of entries, or a conversion that would write no pair.
+    """
     root, json_path = Path(root), Path(json_path)
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"--image-size must be >= 1, got {image_size}")
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+    if not root.is_dir():
+        raise ValueError(f"--root {root} is not a folder")
     if not json_path.exists() and (root / json_path).exists():
         json_path = root / json_path
-    entries = json.loads(json_path.read_text())
+    try:
+        entries = json.loads(json_path.read_text())
+    except ValueError as exn:  # JSONDecodeError, UnicodeDecodeError: neither names the file
+        raise ValueError(f"{json_path}: not valid JSON ({exn})") from exn
     if not isinstance(entries, list):
         raise ValueError(f"{json_path}: expected a JSON list of entries")
-    known = sorted({str(e.get("task")) for e in entries if isinstance(e, dict) and e.get("task") is not None})
+    known = sorted({e["task"] for e in entries if isinstance(e, dict) and isinstance(e.get("task"), str)})
     if tasks is not None:
         unknown = sorted(set(tasks) - set(known))
         if unknown:
@@ -117,7 +151,13 @@ def convert_aurora(
     report = ConversionReport()
     stem = re.sub(r"[^A-Za-z0-9_-]", "_", json_path.stem)  # keys may not hold '.' (webdataset splits there)
     trajs = _aurora_trajectories(entries, root, stem, set(tasks) if tasks else None, image_size, report)
-    report.shards = write_shards(trajs, out, prefix="aurora", shard_size=shard_size)
+    with staged_folder(out, replaces=["aurora-*.tar", "aurora-*.tar.tmp"]) as stage:
+        shards = write_shards(trajs, stage, prefix="aurora", shard_size=shard_size)
+        if not shards:
+            first = next((f"; first: entry {i}: {r}: {d}" for i, r, d in report.details if r != "task"), "")
+            why = report.skips() + first if entries else "the list is empty"
+            raise ValueError(f"no pair to write from {json_path} ({why}); {out} left as it was")
+    report.shards = [Path(out) / p.name for p in shards]
     return report
 
 

@@ -7,14 +7,18 @@ shards are skipped and counted in a ``SkipCounter``, never fatal and never silen
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import os
 import re
+import shutil
 import tarfile
+import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,6 +197,37 @@ def write_shards(
         if stale not in written:
             stale.unlink()
     return written
+
+
+@contextmanager
+def staged_folder(out: str | Path, replaces: Iterable[str]) -> Iterator[Path]:
+    """A fresh sibling folder of ``out`` to write a new set into; it takes the place of ``out`` once the block ends.
+
+    ``out`` is not touched until then: an exception in the block removes the staging folder, and a killed process
+    leaves it beside ``out`` as ``.{name}.*.partial``, never inside it. At the swap, the entries of the old ``out``
+    whose names match a glob of ``replaces`` go with it; the others move into the new folder.
+    """
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if not out.exists():
+        stage.rename(out)
+        return
+    old = stage.with_suffix(".old")
+    out.rename(old)
+    stage.rename(out)
+    patterns = list(replaces)
+    for entry in old.iterdir():
+        if not any(fnmatch.fnmatchcase(entry.name, p) for p in patterns):
+            entry.rename(out / entry.name)
+    shutil.rmtree(old)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
