@@ -5,6 +5,9 @@ States are 1–3 coloured shapes on a 4×4 grid of 8-px cells (a 32×32 RGB canv
 ``apply`` executes a plain-English action, and ``write_sprite_splits`` writes the four shard splits.
 
     python -m datamodules.sprites --out data/sprites --seed 0
+
+The splits and their manifest (``sprites-manifest.json``, the generation settings and shard list) are written
+into a staging folder that replaces ``--out`` only when complete, so a killed run leaves the earlier set intact.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .shards import Trajectory, write_shards
+from .shards import Trajectory, staged_folder, write_shards
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("square", "circle", "triangle")
@@ -297,6 +300,7 @@ def random_trajectory(rng: random.Random, length: int, grid: int = GRID) -> tupl
 
 
 SPLITS = ("test", "val", "labelled", "unlabelled")  # generation order: eval splits first, so they never change
+MANIFEST = "sprites-manifest.json"
 
 
 def _split_trajectories(
@@ -331,18 +335,28 @@ def write_sprite_splits(
     test_length: int = 6,
     shard_size: int = 500,
 ) -> None:
-    """Write ``out/{labelled,unlabelled,val,test}/sprites-*.tar``; ``length``/``test_length`` count states.
+    """Write ``out/{labelled,unlabelled,val,test}/sprites-*.tar`` and, last, ``out/sprites-manifest.json``.
 
-    ``meta.json`` holds ``task`` (the action type, or ``"mixed"``), per-step ``tasks``, ``source`` and the
-    ground-truth ``states``. The unlabelled split keeps its true actions; readers ignore them.
+    ``length``/``test_length`` count states. ``meta.json`` holds ``task`` (the action type, or ``"mixed"``),
+    per-step ``tasks``, ``source`` and the ground-truth ``states``. The unlabelled split keeps its true actions;
+    readers ignore them. The manifest records the settings and each split's shard names and sizes in bytes.
+    ``out`` is replaced only once everything is written (other entries in it are kept).
     """
     counts = {"test": test, "val": val, "labelled": labelled, "unlabelled": unlabelled}
     lengths = {"test": test_length, "val": length, "labelled": length, "unlabelled": length}
+    settings = {"seed": seed, **{s: counts[s] for s in ("labelled", "unlabelled", "val", "test")}}
+    settings |= {"length": length, "test_length": test_length, "shard_size": shard_size}
     seen: set[tuple[SpriteState, ...]] = set()
-    with tqdm(total=sum(counts.values()), desc="sprites", unit="traj") as bar:
-        for split in SPLITS:
-            trajs = _split_trajectories(split, counts[split], lengths[split], seed, seen)
-            write_shards(_progress(trajs, bar), Path(out) / split, prefix="sprites", shard_size=shard_size)
+    shards: dict[str, list[Path]] = {}
+    with staged_folder(out, replaces=[*SPLITS, MANIFEST]) as stage:
+        with tqdm(total=sum(counts.values()), desc="sprites", unit="traj") as bar:
+            for split in SPLITS:
+                trajs = _progress(_split_trajectories(split, counts[split], lengths[split], seed, seen), bar)
+                shards[split] = write_shards(trajs, stage / split, prefix="sprites", shard_size=shard_size)
+        manifest = {"generator": "datamodules.sprites", **settings}
+        manifest["shards"] = {s: [p.name for p in shards[s]] for s in SPLITS}
+        manifest["bytes"] = {s: [p.stat().st_size for p in shards[s]] for s in SPLITS}
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def _progress(items: Iterator[Trajectory], bar: tqdm) -> Iterator[Trajectory]:

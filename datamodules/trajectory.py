@@ -27,6 +27,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .shards import DecodedTrajectory, SkipCounter, iter_trajectories
+from .sprites import MANIFEST as SPRITE_MANIFEST
 from .sprites import write_sprite_splits
 
 Pair = dict[str, Any]
@@ -334,7 +335,7 @@ def _split_seed(seed: int, split: str) -> int:
 class SpriteDataModule(TrajectoryDataModule):
     """The sprite world: generates its shards under ``root`` on first use, then reuses them."""
 
-    MANIFEST = "sprites-manifest.json"
+    MANIFEST = SPRITE_MANIFEST
 
     def __init__(
         self,
@@ -419,24 +420,26 @@ class SpriteDataModule(TrajectoryDataModule):
         return []  # prepare_data generates whatever is missing
 
     def prepare_data(self) -> None:
-        """Generate the shards unless a complete set made with the same settings is present."""
-        root = Path(self.root)
-        manifest = root / self.MANIFEST
-        if self._is_complete(manifest):
-            return
-        manifest.unlink(missing_ok=True)  # invalidate first: a crash below must not leave a stale marker
-        write_sprite_splits(root, **self.generation)
-        shards = {s: sorted(p.name for p in (root / s).glob("*.tar")) for s in SPLITS}
-        tmp = manifest.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"generator": "datamodules.sprites", **self.generation, "shards": shards}, indent=1))
-        tmp.replace(manifest)  # the marker appears only once everything is written
+        """Generate the shards unless the manifest shows a complete set made with the same settings.
+
+        Generation swaps in a finished set, manifest included, so a crash leaves the folder as it was.
+        """
+        if not self._is_complete(Path(self.root) / self.MANIFEST):
+            write_sprite_splits(self.root, **self.generation)
 
     def _is_complete(self, manifest: Path) -> bool:
+        """The manifest records these settings, and each split folder holds exactly its shards, at their sizes."""
         try:
             recorded = json.loads(manifest.read_text())
         except (OSError, ValueError):
             return False
-        if any(recorded.get(k) != v for k, v in self.generation.items()):
+        if not isinstance(recorded, dict) or any(recorded.get(k) != v for k, v in self.generation.items()):
             return False
-        shards = recorded.get("shards", {})
-        return all(shards.get(s) and all((manifest.parent / s / n).is_file() for n in shards[s]) for s in SPLITS)
+        shards, sizes = recorded.get("shards", {}), recorded.get("bytes")  # manifests before sizes lack "bytes"
+        for split in SPLITS:
+            names, folder = shards.get(split), manifest.parent / split
+            if not names or sorted(p.name for p in folder.glob("*.tar")) != sorted(names):
+                return False
+            if sizes is not None and [(folder / n).stat().st_size for n in names] != sizes.get(split):
+                return False
+        return True

@@ -220,11 +220,25 @@ def test_sprite_datamodule_prepares_then_reuses(tmp_path: Path, monkeypatch: pyt
         SpriteDataModule.from_folder(tmp_path / "nowhere")
     with pytest.raises(AssertionError):  # different settings: regenerated
         SpriteDataModule(root=str(tmp_path / "world"), seed=1, **sizes).prepare_data()
-    # that generation "crashed": the marker is gone, so the next run regenerates rather than trusting the folder
-    assert not (tmp_path / "world" / SpriteDataModule.MANIFEST).exists()
-    monkeypatch.undo()
+    # that generation "crashed" before swapping its set in: the seed-0 set is still whole, and reused
     SpriteDataModule(root=str(tmp_path / "world"), **sizes).prepare_data()
     assert json.loads((tmp_path / "world" / SpriteDataModule.MANIFEST).read_text()) == manifest
+
+
+def test_a_sprite_set_changed_since_generation_is_regenerated(tmp_path: Path) -> None:
+    sizes = {"labelled_trajectories": 4, "unlabelled_trajectories": 6, "val_trajectories": 3, "test_trajectories": 2}
+    world = tmp_path / "world"
+    SpriteDataModule(root=str(world), shard_size=4, **sizes).prepare_data()
+    first = world / "unlabelled" / "sprites-000000.tar"
+    original = first.read_bytes()
+    for damage in ("truncate", "extra shard"):
+        if damage == "truncate":  # a cut that still ends on a tar boundary reads as a smaller, valid set
+            first.write_bytes(original[: len(original) // 2 // 512 * 512])
+        else:
+            (world / "unlabelled" / "sprites-000002.tar").write_bytes(original)
+        SpriteDataModule(root=str(world), shard_size=4, **sizes).prepare_data()
+        assert first.read_bytes() == original
+        assert sorted(p.name for p in (world / "unlabelled").iterdir()) == ["sprites-000000.tar", "sprites-000001.tar"]
 
 
 class _Probe(L.LightningModule):

@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from datamodules import sprites
 from datamodules.sprites import (
     COLOURS,
     DIRECTIONS,
+    MANIFEST,
     PALETTE,
     SHAPES,
     Sprite,
@@ -29,6 +31,7 @@ from datamodules.sprites import (
     shape_mask,
     valid_actions,
 )
+from datamodules.trajectory import SpriteDataModule, TrajectoryDataModule
 
 
 def _all_actions(grid: int = 4) -> list[str]:
@@ -199,3 +202,46 @@ def test_cli_writes_four_disjoint_splits(tmp_path: Path) -> None:
         for b in splits[i + 1 :]:
             assert not sequences[a] & sequences[b]
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_cli_writes_its_manifest_last_and_a_killed_run_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "world"
+    argv = [
+        "--out",
+        str(out),
+        "--labelled",
+        "4",
+        "--unlabelled",
+        "12",
+        "--val",
+        "2",
+        "--test",
+        "2",
+        "--shard-size",
+        "4",
+    ]
+    main(argv)
+    data = SpriteDataModule.from_folder(out)  # the manifest is there, with the settings used
+    assert data.generation["unlabelled"] == 12 and data._is_complete(out / MANIFEST)
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    draw, calls = sprites.render, []
+
+    def killed_midway(*args: object, **kwargs: object) -> Image.Image:
+        calls.append(1)
+        if len(calls) > 40:  # within the unlabelled split: test, val and labelled are complete by then
+            raise KeyboardInterrupt
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(sprites, "render", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--seed", "1"])
+    after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):  # into a fresh folder: no partial set for a DataModule to take
+        main([*argv[2:], "--out", str(tmp_path / "fresh")])
+    with pytest.raises(FileNotFoundError, match="matches no shard"):
+        TrajectoryDataModule(str(tmp_path / "fresh")).setup("fit")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]
