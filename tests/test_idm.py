@@ -185,3 +185,24 @@ def test_one_prefill_per_prompt_samples_what_g_copies_sample(idm: VLMIDM, pairs)
     assert runs[0][0].shape == (8, prompt["input_ids"].shape[1] + 6)
     assert torch.equal(runs[0][0], runs[1][0])
     torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_groups_prompt_runs_once_with_the_same_logprobs_and_gradients(idm: VLMIDM, pairs) -> None:
+    """Scoring a rollout with each group's prompt run once (its KV cache repeated G times) gives the log-probs and
+    the gradients of G full copies."""
+    if idm._mrope:
+        pytest.skip("multimodal RoPE: VLMIDM scores G full copies (positions depend on the image grid)")
+    x, y, _ = pairs
+    rollout = idm.sample(x[:2], y[:2], num_samples=3, max_new_tokens=5)
+    idm.train()
+    results = []
+    for group_size in (1, rollout.group_size):
+        idm.zero_grad()
+        logp = idm._completion_logprobs(rollout.context, rollout.mask.shape[1], rollout.temperature, group_size)
+        (logp * rollout.mask).sum().backward()
+        grads = [p.grad.clone() for p in idm.parameters() if p.grad is not None]
+        results.append((logp.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    assert len(results[0][1]) == len(results[1][1]) > 0
+    for full, shared in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(full, shared, atol=1e-5, rtol=1e-4)

@@ -73,3 +73,48 @@ def generate_groups(
         cache=cache,
         **generate_kwargs,
     )
+
+
+def shares_prompts(model: nn.Module) -> bool:
+    """Whether ``grouped_tail_logits`` can run on ``model`` now: not while gradient checkpointing trains it (which
+    turns the KV cache off)."""
+    return not (model.training and getattr(model, "is_gradient_checkpointing", False))
+
+
+def grouped_tail_logits(
+    model: nn.Module, inputs: Mapping[str, Tensor], length: int, group_size: int, per_token: tuple[str, ...] = ()
+) -> Tensor:
+    """``(N, L, V)`` logits that predict the last ``L = length`` tokens of each row of ``inputs`` (left-padded), for
+    rows that come in groups of ``group_size`` sharing everything before those tokens (a rollout group's prompt).
+
+    The prompt runs once per group (``N / G`` rows, with grad) and its KV cache is repeated ``G`` times for the
+    ``L`` tail tokens, instead of running ``G`` copies of it: the same logits up to float error, and the gradient
+    reaches the prompt's activations through the repeated cache. ``per_token``: keys other than ``input_ids`` /
+    ``attention_mask`` with one entry per token (split like them); every other key (images) is laid out per row in
+    equal blocks and is given to the prompt pass only.
+    """
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    n, width = ids.shape
+    p = width - length
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() computes them for left padding
+    prompt = {}
+    for key, value in inputs.items():
+        if key in ("input_ids", "attention_mask", *per_token):
+            prompt[key] = value[::group_size, :p]
+        else:  # per-row blocks (two images of a pair, say): the first row's block of each group
+            blocks = value.reshape(n, value.shape[0] // n, *value.shape[1:])
+            prompt[key] = blocks[::group_size].flatten(0, 1)
+    head = model(**prompt, position_ids=positions[::group_size, :p], use_cache=True, logits_to_keep=1)
+    cache = head.cache
+    cache.batch_repeat_interleave(group_size)
+    tail = model(
+        input_ids=ids[:, p:],
+        attention_mask=mask,
+        position_ids=positions[:, p:],
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=length,
+        **{key: inputs[key][:, p:] for key in per_token if key in inputs},
+    ).logits
+    # The prompt's last position predicts the first tail token; tail position j predicts tail token j + 1.
+    return torch.cat([head.logits[:, -1:].repeat_interleave(group_size, 0), tail[:, :-1]], 1)

@@ -19,7 +19,7 @@ from torch import Tensor
 from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, LogitsProcessorList, ProcessorMixin
 
 from swirl_vl.models.base import InverseDynamicsModel, Rollout, missing_checkpoint_error
-from swirl_vl.models.generation import RecordLogprobs, generate_groups
+from swirl_vl.models.generation import RecordLogprobs, generate_groups, grouped_tail_logits, shares_prompts
 from swirl_vl.models.tiny_vlm import build_tiny_llava, build_tiny_qwen2_5_vl
 
 TINY_BUILDERS = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl}
@@ -163,7 +163,8 @@ class VLMIDM(InverseDynamicsModel):
 
     def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """Per-token log-probs ``(N, L)`` of the rollout's actions under the current weights (with grad), and mask."""
-        return self._completion_logprobs(rollout.context, rollout.mask.shape[1], rollout.temperature), rollout.mask
+        context, length = rollout.context, rollout.mask.shape[1]
+        return self._completion_logprobs(context, length, rollout.temperature, rollout.group_size), rollout.mask
 
     def _prompt_inputs(self, x: Tensor, y: Tensor) -> BatchFeature:
         """Processor outputs for ``B`` user turns ``[image x, image y, prompt]``, left-padded."""
@@ -184,14 +185,22 @@ class VLMIDM(InverseDynamicsModel):
         inputs = _extend(self._prompt_inputs(x, y), completion, mask)
         return self._completion_logprobs(inputs, length), mask
 
-    def _completion_logprobs(self, inputs: Mapping[str, Tensor], length: int, temperature: float = 1.0) -> Tensor:
-        """``(N, L)`` log-probs of the last ``L = length`` tokens of ``inputs["input_ids"]``, logits / ``temperature``."""
-        kwargs = dict(inputs)
-        if not self._mrope:
-            # As generate() does: positions count real tokens only, so left padding shifts nothing.
-            kwargs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-        # Logits at positions T-L-1 .. T-2 predict the L completion tokens; the last position predicts nothing.
-        logits = self.model(**kwargs, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
+    def _completion_logprobs(
+        self, inputs: Mapping[str, Tensor], length: int, temperature: float = 1.0, group_size: int = 1
+    ) -> Tensor:
+        """``(N, L)`` log-probs of the last ``L = length`` tokens of ``inputs["input_ids"]``, logits / ``temperature``.
+
+        ``group_size``: rows come in groups that share their prompt (a rollout); it then runs once per group.
+        """
+        if group_size > 1 and shares_prompts(self.model) and not self._mrope:
+            logits = grouped_tail_logits(self.model, inputs, length, group_size, _TOKEN_TYPE_KEYS)
+        else:
+            kwargs = dict(inputs)
+            if not self._mrope:
+                # As generate() does: positions count real tokens only, so left padding shifts nothing.
+                kwargs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+            # Logits at positions T-L-1 .. T-2 predict the L completion tokens; the last position predicts nothing.
+            logits = self.model(**kwargs, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
         if temperature != 1.0:
             logits = logits / temperature
         return selective_log_softmax(logits, inputs["input_ids"][:, -length:])

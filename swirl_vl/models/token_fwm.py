@@ -41,7 +41,7 @@ from transformers import (
 from typing_extensions import override
 
 from swirl_vl.models.base import ForwardWorldModel, Rollout, missing_checkpoint_error
-from swirl_vl.models.generation import RecordLogprobs, generate_groups
+from swirl_vl.models.generation import RecordLogprobs, generate_groups, grouped_tail_logits, shares_prompts
 from swirl_vl.models.text import build_text_tokenizer
 from swirl_vl.models.vq import SHIPPED_SPRITE_VQ, vq_decode, vq_encode, vq_grid
 
@@ -170,22 +170,29 @@ class TokenFWM(ForwardWorldModel):
         y_tokens = self.code_token_ids[self.encode_images(y, group_size)]  # (B, L)
         return torch.cat([ids, y_tokens], 1), torch.cat([mask, torch.ones_like(y_tokens)], 1)
 
-    def code_logprobs(self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0) -> Tensor:
+    def code_logprobs(
+        self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0, group_size: int = 1
+    ) -> Tensor:
         """``(N, L)`` log-probs, under the policy restricted to image codes, of the last ``L`` tokens of each row.
 
         ``temperature``: the logits are divided by it first (a rollout's sampling temperature; 1 for likelihoods).
+        ``group_size``: rows come in groups that share their prompt (a rollout); it then runs once per group.
         """
         L = self.num_image_tokens
-        # The same positions generate() uses for left-padded rows, so scoring matches sampling for any position code.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.lm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=L + 1,  # only the tail is scored: a real model's 200k-word head stays cheap
-            use_cache=False,
-        )
-        logits = out.logits[:, :-1, self.code_token_ids].float() / temperature  # (N, L, K): t predicts t + 1
+        if group_size > 1 and shares_prompts(self.lm):
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            logits = grouped_tail_logits(self.lm, inputs, L, group_size)
+        else:
+            # The same positions generate() uses for left-padded rows, so scoring matches sampling for any position.
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                logits_to_keep=L + 1,  # only the tail is scored: a real model's 200k-word head stays cheap
+                use_cache=False,
+            ).logits[:, :-1]
+        logits = logits[..., self.code_token_ids].float() / temperature  # (N, L, K): t predicts t + 1
         targets = self.token_to_code[input_ids[:, -L:]]  # (N, L)
         return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
@@ -256,7 +263,8 @@ class TokenFWM(ForwardWorldModel):
     def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """Log-probs ``(N, L)`` of the rollout's code tokens under the current weights (with grad), and the mask."""
         ctx = rollout.context
-        return self.code_logprobs(ctx["input_ids"], ctx["attention_mask"], rollout.temperature), rollout.mask
+        logp = self.code_logprobs(ctx["input_ids"], ctx["attention_mask"], rollout.temperature, rollout.group_size)
+        return logp, rollout.mask
 
     @override
     @torch.no_grad()

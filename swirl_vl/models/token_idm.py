@@ -23,7 +23,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 from typing_extensions import override
 
 from swirl_vl.models.base import InverseDynamicsModel, Rollout
-from swirl_vl.models.generation import RecordLogprobs, generate_groups
+from swirl_vl.models.generation import RecordLogprobs, generate_groups, grouped_tail_logits, shares_prompts
 from swirl_vl.models.idm import VLMIDM, selective_log_softmax
 from swirl_vl.models.token_fwm import TokenFWM
 
@@ -121,20 +121,23 @@ class TokenIDM(InverseDynamicsModel):
         return ids, torch.ones_like(ids)
 
     def _completion_logprobs(
-        self, input_ids: Tensor, attention_mask: Tensor, length: int, temperature: float = 1.0
+        self, input_ids: Tensor, attention_mask: Tensor, length: int, temperature: float = 1.0, group_size: int = 1
     ) -> Tensor:
         """``(N, L)`` log-probs of the last ``L = length`` tokens of each row under the text-only policy, on logits
-        divided by ``temperature``."""
-        # As generate() does: positions count real tokens only.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.lm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=length + 1,
-            use_cache=False,
-        )
-        logits = out.logits[:, :-1]  # (N, L, V): position t predicts token t + 1
+        divided by ``temperature``. ``group_size``: rows come in groups that share their prompt; it runs once each."""
+        if group_size > 1 and shares_prompts(self.lm):
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            logits = grouped_tail_logits(self.lm, inputs, length, group_size)
+        else:
+            # As generate() does: positions count real tokens only.
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                logits_to_keep=length + 1,
+                use_cache=False,
+            ).logits[:, :-1]  # (N, L, V): position t predicts token t + 1
         logits = logits.masked_fill(self.non_text[: logits.shape[-1]], float("-inf"))
         if temperature != 1.0:
             logits = logits / temperature
@@ -236,4 +239,5 @@ class TokenIDM(InverseDynamicsModel):
     def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """Per-token log-probs ``(N, L)`` of the rollout's actions under the current weights (with grad), and mask."""
         ids, attention_mask = rollout.context["input_ids"], rollout.context["attention_mask"]
-        return self._completion_logprobs(ids, attention_mask, rollout.mask.shape[1], rollout.temperature), rollout.mask
+        length, g = rollout.mask.shape[1], rollout.group_size
+        return self._completion_logprobs(ids, attention_mask, length, rollout.temperature, g), rollout.mask
