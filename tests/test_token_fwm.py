@@ -138,3 +138,20 @@ def test_merge_ratio_merges_codes_into_copies(merge_ratio: float) -> None:
     for code in merged.tolist():  # after fit: a copy of a lower-indexed code, which argmin picks on ties
         target = int(module.merged_into[code])
         assert target < code and torch.equal(weight[code], weight[target])
+
+
+def test_gradient_checkpointing_keeps_the_gradients(folder: Path) -> None:
+    """With gradient checkpointing (rollouts scored as full copies of each prompt) and without it (each group's
+    prompt run once), a rollout's log-probs and their gradients agree."""
+    x, _, z = sprite_pairs(2)
+    torch.manual_seed(0)
+    rollout = TokenFWM.from_pretrained(folder).sample(x, z, num_samples=3)
+    grads = []
+    for checkpointing in (False, True):
+        fwm = TokenFWM(str(folder), gradient_checkpointing=checkpointing).train()
+        assert fwm.lm.is_gradient_checkpointing == checkpointing
+        logp, _ = fwm.rollout_logprobs(rollout)
+        logp.sum().backward()
+        grads.append([p.grad for p in fwm.lm.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(plain, recomputed, atol=1e-5, rtol=1e-4)

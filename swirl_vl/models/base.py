@@ -157,6 +157,17 @@ class InverseDynamicsModel(GRPOPolicy):
         """Load a model written by ``save_pretrained`` (or a real checkpoint in the same format)."""
 
 
+def enable_gradient_checkpointing(module: nn.Module) -> None:
+    """Recompute ``module``'s activations in the backward pass instead of keeping them (its library's own switch:
+    transformers' ``gradient_checkpointing_enable``, non-reentrant, or diffusers' ``enable_gradient_checkpointing``)."""
+    if hasattr(module, "gradient_checkpointing_enable"):
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(module, "enable_gradient_checkpointing"):
+        module.enable_gradient_checkpointing()
+    else:
+        raise ValueError(f"{type(module).__name__} has no gradient checkpointing switch")
+
+
 def missing_checkpoint_error(path: str | Path, what: str, fix: str) -> FileNotFoundError:
     """The one error every loader raises for a model folder that is not there."""
     return FileNotFoundError(f"{what} not found at '{path}'. {fix}")

@@ -27,7 +27,13 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from swirl_vl.models.base import ForwardWorldModel, PolicyScores, Rollout, missing_checkpoint_error
+from swirl_vl.models.base import (
+    ForwardWorldModel,
+    PolicyScores,
+    Rollout,
+    enable_gradient_checkpointing,
+    missing_checkpoint_error,
+)
 from swirl_vl.models.tiny_diffusion import build_tiny_instruct_pix2pix, write_model_index
 from swirl_vl.rl.ddim import (
     ddim_alphas,
@@ -85,6 +91,7 @@ class DiffusionFWM(ForwardWorldModel):
             is one UNet pass instead of three.
         image_guidance_scale: image guidance ``s_I`` of sampling (diffusers' default 1.5).
         conditioning_dropout: shares of SFT examples without instruction, without source image, without both.
+        gradient_checkpointing: recompute the UNet's activations in backward (less memory, more compute).
     """
 
     def __init__(
@@ -100,6 +107,7 @@ class DiffusionFWM(ForwardWorldModel):
         guidance_scale: float = 7.5,
         image_guidance_scale: float = 1.5,
         conditioning_dropout: ConditioningDropout | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_inference_steps < 2:
@@ -128,6 +136,8 @@ class DiffusionFWM(ForwardWorldModel):
         if (error := _missing_folder(self.path, build_tiny=False)) is not None:
             raise error
         self.unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet")
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.unet)
         self.text_encoder = CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder")
         self.tokenizer = CLIPTokenizer.from_pretrained(self.path, subfolder="tokenizer")
         self.scheduler = _ddim_scheduler(self.path / "scheduler")

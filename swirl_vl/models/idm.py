@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, LogitsProcessorList, ProcessorMixin
 
-from swirl_vl.models.base import InverseDynamicsModel, Rollout, missing_checkpoint_error
+from swirl_vl.models.base import InverseDynamicsModel, Rollout, enable_gradient_checkpointing, missing_checkpoint_error
 from swirl_vl.models.generation import RecordLogprobs, generate_groups, grouped_tail_logits, shares_prompts
 from swirl_vl.models.tiny_vlm import build_tiny_llava, build_tiny_qwen2_5_vl
 
@@ -38,6 +38,8 @@ class VLMIDM(InverseDynamicsModel):
         prompt: user text that follows the two images.
         max_new_tokens: default cap on the length of sampled actions, in tokens.
         image_size: side of the square images the tiny model is built for, in pixels.
+        gradient_checkpointing: recompute the model's activations in backward (less memory, more compute; rollouts
+            are then scored as full copies of each prompt).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class VLMIDM(InverseDynamicsModel):
         prompt: str = "Which action turns the first image into the second?",
         max_new_tokens: int = 24,
         image_size: int = 32,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         folder = Path(path)
@@ -56,6 +59,8 @@ class VLMIDM(InverseDynamicsModel):
         if (error := _missing_folder(folder, build_tiny=None)) is not None:
             raise error
         self.model = AutoModelForImageTextToText.from_pretrained(folder)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.processor = AutoProcessor.from_pretrained(folder)
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens

@@ -40,7 +40,7 @@ from transformers import (
 )
 from typing_extensions import override
 
-from swirl_vl.models.base import ForwardWorldModel, Rollout, missing_checkpoint_error
+from swirl_vl.models.base import ForwardWorldModel, Rollout, enable_gradient_checkpointing, missing_checkpoint_error
 from swirl_vl.models.generation import RecordLogprobs, generate_groups, grouped_tail_logits, shares_prompts
 from swirl_vl.models.text import build_text_tokenizer
 from swirl_vl.models.vq import SHIPPED_SPRITE_VQ, vq_decode, vq_encode, vq_grid
@@ -69,7 +69,13 @@ class TokenFWM(ForwardWorldModel):
     """``P_θ(y | x, z)`` as next-token prediction of ``y``'s VQ codes after ``x``'s codes and the action text."""
 
     def __init__(
-        self, path: str, build_tiny: bool = False, seed: int = 0, vq_path: str | None = None, image_size: int = 32
+        self,
+        path: str,
+        build_tiny: bool = False,
+        seed: int = 0,
+        vq_path: str | None = None,
+        image_size: int = 32,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -79,6 +85,8 @@ class TokenFWM(ForwardWorldModel):
             vq_path: image tokenizer folder; default ``<path>/vq``. The tiny builder copies it (default: the
                 shipped sprite-world tokenizer) into ``<path>/vq``.
             image_size: side in pixels the VQ sees; other input sizes are resized to it.
+            gradient_checkpointing: recompute the language model's activations in backward (less memory, ~30% more
+                compute; rollouts are then scored as full copies of each prompt).
         """
         super().__init__()
         folder = Path(path)
@@ -97,6 +105,8 @@ class TokenFWM(ForwardWorldModel):
         self.lm = AutoModelForCausalLM.from_pretrained(folder)
         self.vq = VQModel.from_pretrained(vq_path or folder / "vq")
         self.vq.requires_grad_(False).eval()
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.lm)
         self.grid = vq_grid(self.vq, image_size)
         self.num_image_tokens = self.grid[0] * self.grid[1]
 

@@ -38,6 +38,7 @@ class TokenIDM(InverseDynamicsModel):
         vq_path: image tokenizer folder; default ``<path>/vq``.
         image_size: side in pixels the VQ sees; other input sizes are resized to it.
         max_new_tokens: default cap on the length of sampled actions, in tokens.
+        gradient_checkpointing: recompute the language model's activations in backward (as ``TokenFWM``).
     """
 
     def __init__(
@@ -48,10 +49,11 @@ class TokenIDM(InverseDynamicsModel):
         vq_path: str | None = None,
         image_size: int = 32,
         max_new_tokens: int = 24,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         # TokenFWM owns the folder format: loading, the tiny builder and the checks of the image-token vocabulary.
-        fwm = TokenFWM(path, build_tiny=build_tiny, seed=seed, vq_path=vq_path, image_size=image_size)
+        fwm = TokenFWM(path, build_tiny, seed, vq_path, image_size, gradient_checkpointing)
         self._adopt(fwm, max_new_tokens)
 
     @classmethod
