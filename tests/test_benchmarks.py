@@ -85,3 +85,27 @@ def test_group_auc_counts_ordered_pairs_and_half_ties() -> None:
     assert group_auc([0.9, 0.1, 0.5], [True, False, False]) == 1.0
     assert group_auc([0.2, 0.2, 0.7], [True, False, False]) == 0.25  # one tie (½), one loss (0)
     assert group_auc([0.3, 0.4], [True, True]) is None
+
+
+def test_step_time_measures_both_phases_and_trl_when_installed(tmp_path: Path) -> None:
+    """``step_time.py`` for one repeat of one step: Phase II and Phase I figures (and TRL's side and the ratio when
+    TRL, the ``bench`` extra, is installed), with micro-batches so that their path runs too."""
+    try:
+        import trl  # noqa: F401
+
+        with_trl: list[str] = []
+    except ImportError:
+        with_trl = ["--no-trl"]
+    out = tmp_path / "step_time.json"
+    cmd = [sys.executable, "benchmarks/step_time.py", "--repeats", "1", "--warmup", "0", "--steps", "1"]
+    cmd += ["--pairs", "2", "--group-size", "2", "--max-new-tokens", "3", "--work", str(tmp_path), "--out", str(out)]
+    cmd += ["--swirl-options", '{"rl_micro_batch_size": 1}', *with_trl]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for phase in ("phase1", "phase2"):
+        swirl = result[phase]["swirl"]
+        assert swirl["cpu_s"]["median"] > 0 and swirl["peak_rss_mib"]["median"] > 100
+    if not with_trl:
+        assert result["phase2"]["trl"]["cpu_s"]["median"] > 0 and result["phase2"]["ratio_cpu_s"]["median"] > 0
+    assert "| phase2 | swirl |" in proc.stdout
