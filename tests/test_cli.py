@@ -229,7 +229,8 @@ def test_sigkill_mid_phase_resumes_in_same_phase_and_step(tmp_path, sprite_root)
 
 
 def test_ddp_two_processes_sft_phase1_phase2(tmp_path, sprite_root):
-    """2-process DDP on CPU (gloo) through SFT → Phase I → Phase II: phase switches must not hang or crash."""
+    """2-process DDP on CPU (gloo) through SFT → Phase I → Phase II: phase switches must not hang or crash, nor
+    several backward passes per step (micro-batches of one pair, two updates per rollout batch)."""
     args = _tiny_args(
         tmp_path,
         sprite_root,
@@ -247,9 +248,19 @@ def test_ddp_two_processes_sft_phase1_phase2(tmp_path, sprite_root):
         "2",
         "--schedule.phase2_steps",
         "2",
+        "--model.init_args.rl_micro_batch_size",
+        "1",
+        "--model.init_args.updates_per_rollout",
+        "2",
+        "--trainer.callbacks+=tests.ddp_probe.WeightDigest",
+        f"--trainer.callbacks.out_dir={tmp_path / 'digest'}",
     )
     proc = _run(["fit", *args], timeout=400, threads=1)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((tmp_path / "digest" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    apart = [name for name in ranks[0] if ranks[0][name] != pytest.approx(ranks[1][name], rel=1e-6, abs=1e-8)]
+    assert not apart, f"ranks hold different weights after fit: {apart[:5]}"
     final = _checkpoint_state(_version_dir(tmp_path) / "checkpoints" / "last.ckpt")
     assert final["stage"] == "done"
     assert [row["after"] for row in final["history"]] == ["sft", "iteration_1"]
