@@ -114,6 +114,7 @@ def run_swirl(args: argparse.Namespace, phase: str) -> dict:
         idm_rl_lr=args.lr,
         idm_generation={"temperature": args.temperature, "top_k": args.top_k},
         log_rollouts_every_n_steps=0,
+        rl_batch_size=args.pairs,
         **extra,
     )
     if phase == "phase2":  # the cheap reward replaces the frozen FWM's log-likelihood
@@ -142,7 +143,8 @@ def run_swirl(args: argparse.Namespace, phase: str) -> dict:
         callbacks=[schedule, Timing()],
     )
     trainer.fit(module, DataLoader(SamePairs(), batch_size=None))
-    return {"cpu": timer.cpu[args.warmup :], "wall": timer.wall[args.warmup :]}
+    planned = module.memory_plan.stages[phase] / 2**20
+    return {"cpu": timer.cpu[args.warmup :], "wall": timer.wall[args.warmup :], "planned_peak_mib": planned}
 
 
 # ------------------------------------------------------------------------------------------- TRL side
@@ -245,11 +247,14 @@ def measure(args: argparse.Namespace, side: str) -> dict:
         raise RuntimeError(f"{side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     times = json.loads(out.read_text())
     out.unlink()
-    return {
+    figures = {
         "cpu_s": statistics.median(times["cpu"]),
         "wall_s": statistics.median(times["wall"]),
         "peak_rss_mib": times["peak_rss_mib"],
     }
+    if "planned_peak_mib" in times:  # swirl_vl's memory plan for the phase, printed at the start of fit
+        figures["planned_peak_mib"] = times["planned_peak_mib"]
+    return figures
 
 
 def spread(values: list[float]) -> dict:
@@ -319,13 +324,14 @@ def main(argv: list[str] | None = None) -> None:
         result["phase1"] = {"swirl": {key: spread([run[key] for run in runs1]) for key in runs1[0]}}
 
     print(f"\nstep time, one thread, {args.pairs} pairs x G {args.group_size}, medians over {args.repeats} runs:")
-    print("| phase | side | CPU s/step | wall s/step | peak RSS MiB |\n|---|---|---|---|---|")
+    print("| phase | side | CPU s/step | wall s/step | peak RSS MiB | planned peak MiB |\n|---|---|---|---|---|---|")
     for phase in ("phase2", "phase1"):
         for side, figures in result.get(phase, {}).items():
             if side.startswith("ratio"):
                 continue
             row = [figures[k]["median"] for k in ("cpu_s", "wall_s", "peak_rss_mib")]
-            print(f"| {phase} | {side} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.0f} |")
+            planned = f"{figures['planned_peak_mib']['median']:.0f}" if "planned_peak_mib" in figures else "–"
+            print(f"| {phase} | {side} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.0f} | {planned} |")
     if "ratio_cpu_s" in result.get("phase2", {}):
         for key in ("cpu_s", "wall_s"):
             r = result["phase2"][f"ratio_{key}"]

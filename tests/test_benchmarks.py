@@ -106,6 +106,7 @@ def test_step_time_measures_both_phases_and_trl_when_installed(tmp_path: Path) -
     for phase in ("phase1", "phase2"):
         swirl = result[phase]["swirl"]
         assert swirl["cpu_s"]["median"] > 0 and swirl["peak_rss_mib"]["median"] > 100
+        assert 0.5 < swirl["planned_peak_mib"]["median"] / swirl["peak_rss_mib"]["median"] < 1.5  # the memory plan
     if not with_trl:
         assert result["phase2"]["trl"]["cpu_s"]["median"] > 0 and result["phase2"]["ratio_cpu_s"]["median"] > 0
     assert "| phase2 | swirl |" in proc.stdout

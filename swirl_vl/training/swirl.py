@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import move_data_to_device
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -27,6 +27,7 @@ from swirl_vl.rl.grpo import group_advantages
 from swirl_vl.training.images import log_texts, log_transitions
 from swirl_vl.training.lora import LoraReference, LoraSpec, adapter_parameters, add_lora
 from swirl_vl.training.lr import LRSchedule, lr_factor
+from swirl_vl.training.memory import MemoryPlan, memory_plan, runtime_bytes
 from swirl_vl.training.objectives import GRPO, PolicyObjective
 from swirl_vl.training.sft import FWMModule, IDMModule, finish_test_report, labelled_pairs
 
@@ -196,6 +197,7 @@ class SwirlModule(LightningModule):
         self.step_in_phase: int = 0
         self.stage_steps: int = 0
         self._base_lrs: list[list[float]] = []
+        self.memory_plan: MemoryPlan | None = None
 
     # ---------------------------------------------------------------- stage control (driven by SwirlSchedule)
 
@@ -261,6 +263,12 @@ class SwirlModule(LightningModule):
             return
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
         setattr(self, f"{which}_ref", ref)
+
+    @override
+    def on_fit_start(self) -> None:
+        rl_pairs = self.hparams.rl_batch_size or getattr(self.trainer.datamodule, "batch_size", None)
+        self.memory_plan = memory_plan(self, runtime_bytes(self.device), rl_pairs)
+        rank_zero_info(f"[swirl] memory plan per device, at the configured sizes:\n{self.memory_plan.table()}")
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
