@@ -122,3 +122,38 @@ def test_phase2_rewards_are_clamped_at_the_reward_floor(folders: dict[str, Path]
     x, y, _ = sprite_pairs(2)
     module.phase2_idm_step({"x": x, "y": y}, idm_opt)
     assert seen["r"].shape == (4,) and (seen["r"] == -3.0).all()
+
+
+def test_an_sft_reference_is_written_once_beside_the_checkpoints_not_in_them(
+    folders: dict[str, Path], tmp_path
+) -> None:
+    module, _ = _module(folders)
+    module._trainer = SimpleNamespace(
+        optimizers=[], checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)), global_rank=0
+    )
+    module.enter_stage("phase1", 0, refresh_reference=True, num_steps=1, starting=True)
+    with torch.no_grad():  # the policy moves away from its reference
+        for p in module.fwm.model.parameters():
+            p.add_(0.01)
+    checkpoint = {"state_dict": module.state_dict()}
+    full = set(checkpoint["state_dict"])
+    module.on_save_checkpoint(checkpoint)
+    assert (
+        not any(k.startswith("fwm_ref.") for k in checkpoint["state_dict"])
+        and (tmp_path / "reference_fwm.pt").is_file()
+    )
+    assert set(checkpoint["swirl_reference_files"]) == {"fwm"}
+
+    resumed, _ = _module(folders)  # a fresh process: no reference until the checkpoint brings it
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.load_state_dict(checkpoint["state_dict"])  # strict: every key, the reference's from its file
+    assert set(checkpoint["state_dict"]) == full
+    for (name, ref), (_, loaded) in zip(module.fwm_ref.state_dict().items(), resumed.fwm_ref.state_dict().items()):
+        assert torch.equal(ref, loaded), name
+    assert not torch.equal(next(resumed.fwm_ref.parameters()), next(resumed.fwm.model.parameters()))
+
+    (tmp_path / "reference_fwm.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="reference_fwm.pt"):
+        _module(folders)[0].on_load_checkpoint(
+            {"state_dict": {}, "swirl_reference_files": checkpoint["swirl_reference_files"]}
+        )

@@ -9,7 +9,9 @@ next states; reward = mean-token ``log Q_φ(z | x, ŷ)``. Phase II (``phase2_idm
 from __future__ import annotations
 
 import copy
+import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -270,12 +272,51 @@ class SwirlModule(LightningModule):
         self.memory_plan = memory_plan(self, runtime_bytes(self.device), rl_pairs)
         rank_zero_info(f"[swirl] memory plan per device, at the configured sizes:\n{self.memory_plan.table()}")
 
+    def _reference_dir(self) -> Path | None:
+        """Where SFT references are written once (the checkpoint folder), or None: keep them in each checkpoint."""
+        callback = self._trainer.checkpoint_callback if self._trainer is not None else None
+        dirpath = getattr(callback, "dirpath", None)
+        return None if dirpath is None else Path(dirpath)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A reference that is the SFT model never changes after SFT: written once beside the checkpoints (the first
+        # save that holds it), and left out of every checkpoint, which would otherwise carry a second full model.
+        folder = self._reference_dir()
+        if self.hparams.reference != "sft" or self.hparams.lora is not None or folder is None:
+            return
+        state, files = checkpoint["state_dict"], {}
+        for which in ("fwm", "idm"):
+            prefix = f"{which}_ref."
+            keys = [k for k in state if k.startswith(prefix)]
+            if not keys:
+                continue
+            path = folder / f"reference_{which}.pt"
+            if self.global_rank == 0 and not path.is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                torch.save({k[len(prefix) :]: state[k] for k in keys}, tmp)  # keeps tied weights tied
+                tmp.replace(path)
+            for k in keys:
+                del state[k]
+            files[which] = str(path.resolve())
+        if files:
+            checkpoint["swirl_reference_files"] = files
+
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # References are created mid-run; make room for them before Lightning loads the state dict.
-        keys = checkpoint["state_dict"].keys()
+        state = checkpoint["state_dict"]
+        for which, file in checkpoint.get("swirl_reference_files", {}).items():
+            if not Path(file).is_file():
+                raise FileNotFoundError(
+                    f"this checkpoint's {which} KL reference (the SFT model) is kept in '{file}', which is missing: "
+                    "resume from the run folder the checkpoint was written in, with its checkpoints/ folder whole"
+                )
+            saved = torch.load(file, map_location="cpu", weights_only=True)
+            state.update({f"{which}_ref.{k}": v for k, v in saved.items()})
         for which in ("fwm", "idm"):
-            if getattr(self, f"{which}_ref") is None and any(k.startswith(f"{which}_ref.") for k in keys):
+            if getattr(self, f"{which}_ref") is None and any(k.startswith(f"{which}_ref.") for k in state):
                 self.refresh_reference(which)
 
     # ---------------------------------------------------------------- optimisation
