@@ -10,6 +10,7 @@ import pytest
 import torch
 from sprite_oracles import sprite_pairs
 
+from swirl_vl.models.base import check_sampling_settings
 from swirl_vl.models.diffusion_fwm import DiffusionFWM
 from swirl_vl.models.idm import VLMIDM
 from swirl_vl.models.tiny_diffusion import build_tiny_instruct_pix2pix
@@ -157,3 +158,50 @@ def test_an_sft_reference_is_written_once_beside_the_checkpoints_not_in_them(
         _module(folders)[0].on_load_checkpoint(
             {"state_dict": {}, "swirl_reference_files": checkpoint["swirl_reference_files"]}
         )
+
+
+def test_nonfinite_steps_are_skipped_and_counted_and_a_run_of_them_stops_fit(
+    folders: dict[str, Path], monkeypatch
+) -> None:
+    module, opts = _module(folders, grad_clip=0.0, max_nonfinite_steps=3)
+    logged: list[tuple[str, float]] = []
+    monkeypatch.setattr(
+        module,
+        "log",
+        lambda name, value, **_: logged.append(
+            (name, float(value.detach() if isinstance(value, torch.Tensor) else value))
+        ),
+    )
+    monkeypatch.setattr(module, "manual_backward", lambda loss: loss.backward())
+    module._trainer = SimpleNamespace(optimizers=opts, global_step=0)
+    module.enter_stage("sft", 0, refresh_reference=True, num_steps=10, starting=True)
+    x, y, z = sprite_pairs(2)
+    bad = {"x": x.clone().index_fill_(0, torch.tensor([0]), float("nan")), "y": y, "action": z}
+    before = [p.detach().clone() for p in module.parameters()]
+    module.sft_step(bad, *opts)  # a NaN image: no step, nothing turned into NaN
+    assert all(torch.equal(a, p) for a, p in zip(before, module.parameters()))
+    assert ("sft/nonfinite_steps", 1.0) in logged and module._nonfinite_in_row == 1
+    module.sft_step({"x": x, "y": y, "action": z}, *opts)  # a finite step trains and ends the run
+    assert module._nonfinite_in_row == 0 and not all(torch.equal(a, p) for a, p in zip(before, module.parameters()))
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    module.sft_step(bad, *opts)
+    module.sft_step(bad, *opts)
+    with pytest.raises(RuntimeError, match="3 steps in a row in sft"):
+        module.sft_step(bad, *opts)
+
+    # A state-only pair with a NaN image leaves the RL batch before sampling, counted.
+    module.enter_stage("phase2", 0, refresh_reference=False, num_steps=1, starting=False)
+    pairs = module._rl_pairs({"unlabelled": {"x": bad["x"], "y": y}})
+    assert torch.equal(pairs["x"], x[1:]) and ("phase2/nonfinite_pairs", 1.0) in logged and module._step_chunks == 1
+
+
+def test_sampling_settings_a_backend_does_not_take_fail_before_training(folders: dict[str, Path]) -> None:
+    idm = VLMIDM.from_pretrained(folders["llava"])
+    flag = "--model.init_args.idm_generation"
+    with pytest.raises(ValueError, match="VLMIDM samples with max_new_tokens, temperature, top_k; it takes no 'top_p'"):
+        check_sampling_settings(idm, {"top_p": 0.9}, flag)
+    with pytest.raises(ValueError, match="temperature must be a number"):
+        check_sampling_settings(idm, {"temperature": "hot"}, flag)
+    check_sampling_settings(idm, {"temperature": 1.5, "top_k": 10}, flag)
+    with pytest.raises(ValueError, match="it takes no 'top_p'"):  # the module checks its settings when it is made
+        _module(folders, idm_generation={"top_p": 0.9})

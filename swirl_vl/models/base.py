@@ -10,6 +10,7 @@ Conventions (README, "Layout"):
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,25 @@ class InverseDynamicsModel(GRPOPolicy):
     @abstractmethod
     def from_pretrained(cls, path: str | Path) -> InverseDynamicsModel:
         """Load a model written by ``save_pretrained`` (or a real checkpoint in the same format)."""
+
+
+def check_sampling_settings(model: nn.Module, settings: dict | None, flag: str) -> None:
+    """Raise now, not at the first RL step, if ``settings`` are not keyword arguments of ``model.sample``: a name it
+    does not take, or a value that is not a number where it takes one."""
+    taken = {
+        name: p
+        for name, p in inspect.signature(model.sample).parameters.items()
+        if name not in ("self", "x", "y", "z", "num_samples", "greedy") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    for name, value in (settings or {}).items():
+        if name not in taken:
+            raise ValueError(
+                f"{flag}: {type(model).__name__} samples with {', '.join(sorted(taken))}; it takes no {name!r}"
+            )
+        default = taken[name].default
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if numeric and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ValueError(f"{flag}: {name} must be a number (default {default}); got {value!r}")
 
 
 def enable_gradient_checkpointing(module: nn.Module) -> None:

@@ -53,7 +53,7 @@ UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
 @dataclass
 class LoraSpec:
-    """A LoRA adapter's shape (``--model.lora.r=16`` …)."""
+    """A LoRA adapter's shape (``--model.init_args.lora.r=16`` …)."""
 
     r: int = 16
     """Rank of the low-rank update ``B A``."""

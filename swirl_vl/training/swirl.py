@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from swirl_vl.eval.evaluate import evaluate_cycle
 from swirl_vl.eval.report import MetricTable
-from swirl_vl.models.base import Rollout
+from swirl_vl.models.base import Rollout, check_sampling_settings
 from swirl_vl.models.token_fwm import TokenFWM
 from swirl_vl.models.token_idm import TokenIDM
 from swirl_vl.rl.grpo import group_advantages
@@ -88,6 +88,7 @@ class SwirlModule(LightningModule):
         fwm_objective: PolicyObjective | None = None,
         rl_micro_batch_size: int | None = None,
         updates_per_rollout: int = 1,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         """
         Args:
@@ -146,32 +147,37 @@ class SwirlModule(LightningModule):
                 bounded whatever ``rl_batch_size``. None: the whole step at once.
             updates_per_rollout: optimiser steps on each batch of rollouts (GRPO's μ, TRL's ``num_iterations``); the
                 first one's log-probs are the old log-probs of the others. 1: on-policy, the ratio is 1 at every update.
+            max_nonfinite_steps: a step whose loss or gradient is not finite is skipped and counted
+                (``<stage>/nonfinite_steps``); this many in a row stop fit with an error.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["fwm", "idm", "fwm_objective"])
         for name, g in (("fwm_group_size", fwm_group_size), ("idm_group_size", idm_group_size)):
             if g < 2:
-                raise ValueError(f"--model.{name} must be ≥ 2 for group-relative advantages; got {g}")
+                raise ValueError(f"--model.init_args.{name} must be ≥ 2 for group-relative advantages; got {g}")
         self.automatic_optimization = False
         for name, value in (
             ("rl_micro_batch_size", rl_micro_batch_size or 1),
             ("updates_per_rollout", updates_per_rollout),
+            ("max_nonfinite_steps", max_nonfinite_steps),
         ):
             if value < 1:
                 raise ValueError(f"--model.init_args.{name} must be ≥ 1; got {value}")
         if sft_fwm_steps is not None and (sft_fwm_steps < 0 or shared_base):
             raise ValueError(
-                f"--model.sft_fwm_steps must be ≥ 0 and cannot be used with shared_base; got {sft_fwm_steps}"
+                f"--model.init_args.sft_fwm_steps must be ≥ 0 and cannot be used with shared_base; got {sft_fwm_steps}"
             )
         if lora is not None and reference == "iteration":
             raise ValueError(
-                "--model.reference iteration needs full fine-tuning: with --model.lora the reference is "
-                "the base model (the SFT model); use --model.reference sft"
+                "--model.init_args.reference iteration needs full fine-tuning: with --model.init_args.lora the reference is "
+                "the base model (the SFT model); use --model.init_args.reference sft"
             )
+        check_sampling_settings(fwm.model, fwm_generation, "--model.init_args.fwm_generation")
+        check_sampling_settings(idm.model, idm_generation, "--model.init_args.idm_generation")
         if shared_base:
             if lora is None or not isinstance(fwm.model, TokenFWM) or not isinstance(idm.model, TokenIDM):
                 raise ValueError(
-                    "--model.shared_base needs --model.lora, a TokenFWM FWM and a TokenIDM IDM; got "
+                    "--model.init_args.shared_base needs --model.init_args.lora, a TokenFWM FWM and a TokenIDM IDM; got "
                     f"lora={lora}, {type(fwm.model).__name__}, {type(idm.model).__name__}"
                 )
             idm.model = TokenIDM.sharing(fwm.model, idm.model.max_new_tokens)
@@ -200,6 +206,8 @@ class SwirlModule(LightningModule):
         self.stage_steps: int = 0
         self._base_lrs: list[list[float]] = []
         self.memory_plan: MemoryPlan | None = None
+        self._nonfinite_in_row = 0
+        self._step_chunks = 1
 
     # ---------------------------------------------------------------- stage control (driven by SwirlSchedule)
 
@@ -372,24 +380,57 @@ class SwirlModule(LightningModule):
         self.log("iteration", float(self.iteration), prog_bar=True, batch_size=1)
 
     def _rl_pairs(self, batch: dict) -> dict:
+        """The step's state-only pairs: the first ``rl_batch_size``, less any whose images are not finite (counted).
+
+        Sets ``_step_chunks``, the micro-batches the step makes whatever is dropped: under DDP every rank must make as
+        many backward passes, so the count follows the batch as it came, and empty micro-batches take part as zeros.
+        """
         pairs = batch["unlabelled"] if "unlabelled" in batch else batch
         n = self.hparams.rl_batch_size
-        if n is None:
+        pairs = {k: v[:n] for k, v in pairs.items()} if n is not None else dict(pairs)
+        self._step_chunks = len(self._micro_batches(pairs))
+        finite = torch.isfinite(pairs["x"]).flatten(1).all(1) & torch.isfinite(pairs["y"]).flatten(1).all(1)
+        self.log(f"{self.stage}/nonfinite_pairs", float((~finite).sum()), batch_size=1, reduce_fx="sum")
+        if finite.all():
             return pairs
-        return {k: v[:n] for k, v in pairs.items()}
+        keep = finite.nonzero().squeeze(1).tolist()
+        return {k: v[keep] if isinstance(v, Tensor) else [v[i] for i in keep] for k, v in pairs.items()}
 
     def _micro_batches(self, pairs: dict) -> list[dict]:
         """``pairs`` in consecutive pieces of ``rl_micro_batch_size`` pairs (one piece without it)."""
         n = len(pairs["x"])
-        size = self.hparams.rl_micro_batch_size or n
+        size = max(self.hparams.rl_micro_batch_size or n, 1)
         return [{k: v[i : i + size] for k, v in pairs.items()} for i in range(0, n, size)]
+
+    def _optimizer_steps(self, opts: list[Any]) -> None:
+        """Clip and step each optimiser after the backward passes, unless a gradient is not finite: then the step is
+        skipped (gradients cleared, ``nonfinite_steps`` counted) and, after ``max_nonfinite_steps`` in a row, fit stops
+        with an error rather than train on. Under DDP every rank sees the same reduced gradients, so all skip alike."""
+        grads = [p.grad for opt in opts for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        self.log(f"{self.stage}/nonfinite_steps", float(not finite), batch_size=1, reduce_fx="sum")
+        if not finite:
+            for opt in opts:
+                opt.zero_grad()
+            self._nonfinite_in_row += 1
+            limit = self.hparams.max_nonfinite_steps
+            if self._nonfinite_in_row >= limit:
+                raise RuntimeError(
+                    f"{self._nonfinite_in_row} steps in a row in {self.stage} had a non-finite loss or gradient (the last at "
+                    f"global step {self.global_step}); stopped rather than train on. Look for NaN or infinite values in "
+                    "the data, or lower the learning rate (--model.init_args.max_nonfinite_steps sets the limit)."
+                )
+            return
+        self._nonfinite_in_row = 0
+        for opt in opts:
+            if self.hparams.grad_clip:
+                self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            opt.step()
 
     def _step(self, opt: Any, loss: Tensor) -> None:
         opt.zero_grad()
         self.manual_backward(loss)
-        if self.hparams.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
+        self._optimizer_steps([opt])
 
     def sft_step(self, pairs: dict, fwm_opt: Any, idm_opt: Any) -> None:
         """Supervised warm start on one labelled batch: one backward, an optimiser step per model that trains."""
@@ -401,10 +442,7 @@ class SwirlModule(LightningModule):
         for opt in opts:
             opt.zero_grad()
         self.manual_backward(sum(losses.values()))
-        for opt in opts:
-            if self.hparams.grad_clip:
-                self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-            opt.step()
+        self._optimizer_steps(opts)
         for which, loss in losses.items():
             self.log(f"{which}/sft_loss", loss, prog_bar=True, batch_size=b)
 
@@ -435,7 +473,7 @@ class SwirlModule(LightningModule):
 
     def bootstrap_fwm_step(self, pairs: dict, opt: Any) -> None:
         """The Bootstrap baseline (paper, Table 1): SFT of the FWM on the frozen IDM's filtered greedy labels."""
-        labelled = self.filtered_labels(pairs)
+        labelled = self.filtered_labels(pairs) if len(pairs["x"]) else None
         if labelled is None:
             return self._zero_step(opt, self.fwm.model)
         x, y, z = labelled
@@ -446,10 +484,10 @@ class SwirlModule(LightningModule):
     def phase1_fwm_step(self, pairs: dict, opt: Any) -> None:
         """Phase I: variational information maximisation; the FWM trains with reward ``log Q_φ(z | x, ŷ)``."""
         g = self.hparams.fwm_group_size
-        # Under DDP every rank must make as many backward passes: as many micro-batches as the unfiltered batch has,
-        # the ones left empty by the label filter contributing zero gradients.
-        num_chunks = len(self._micro_batches(pairs))
-        labelled = self.filtered_labels(pairs)
+        # Under DDP every rank must make as many backward passes: as many micro-batches as the batch came with, the
+        # ones left empty by the label filter contributing zero gradients.
+        num_chunks = self._step_chunks
+        labelled = self.filtered_labels(pairs) if len(pairs["x"]) else None
         if labelled is None:
             return self.update(self.fwm_objective, self.fwm.model, None, [None] * num_chunks, opt, 0.0, "phase1")
         x, y, z = labelled
@@ -474,7 +512,7 @@ class SwirlModule(LightningModule):
     def phase2_idm_step(self, pairs: dict, opt: Any) -> None:
         """Phase II: ELBO maximisation; the IDM trains with reward ``log P_θ(y | x, z)``."""
         g = self.hparams.idm_group_size
-        chunks = []
+        chunks: list[tuple[Rollout, Tensor] | None] = []
         with torch.no_grad():
             for part in self._micro_batches({"x": pairs["x"], "y": pairs["y"]}):
                 x, y = part["x"], part["y"]
@@ -482,8 +520,9 @@ class SwirlModule(LightningModule):
                 x_rep, y_rep = x.repeat_interleave(g, 0), y.repeat_interleave(g, 0)
                 rewards = self.fwm.model.log_likelihood(x_rep, rollout.texts, y_rep, group_size=g)
                 chunks.append((rollout, rewards.clamp(min=self.hparams.reward_floor)))
+        chunks += [None] * (self._step_chunks - len(chunks))
         self.update(self.idm_objective, self.idm.model, self.idm_ref, chunks, opt, self.hparams.idm_beta, "phase2")
-        if self._should_log_rollouts():
+        if self._should_log_rollouts() and chunks[0] is not None:
             rollout, rewards = chunks[0]
             lines = [f"`{t}` reward {r:.3f}" for t, r in zip(rollout.texts[: 2 * g], rewards[: 2 * g].tolist())]
             log_texts(self.logger, "phase2/sampled_actions", lines, self.global_step)
@@ -521,9 +560,7 @@ class SwirlModule(LightningModule):
                     gaps.append(gap)
                 old[i] = out.logprobs
                 outs.append(out)
-            if self.hparams.grad_clip:
-                self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-            opt.step()
+            self._optimizer_steps([opt])
         if not live:
             return
         rewards = torch.cat([r for _, r in live])
@@ -569,9 +606,11 @@ class SwirlModule(LightningModule):
         else:
             for name, values in metrics.items():
                 self.log(f"{split}/{name}", values.mean(), batch_size=values.numel(), sync_dist=True)
-        if batch_idx == 0:
-            self.fwm.log_outputs(batch, y_hat, f"{split}/fwm", self.global_step)
-            self.idm.log_outputs(batch, texts, f"{split}/idm", self.global_step)
+        if batch_idx == 0:  # as many as each module's log_images (0: none)
+            if self.fwm.log_images:
+                self.fwm.log_outputs(batch, y_hat, f"{split}/fwm", self.global_step)
+            if self.idm.log_images:
+                self.idm.log_outputs(batch, texts, f"{split}/idm", self.global_step)
 
     @override
     def on_test_epoch_start(self) -> None:
@@ -600,3 +639,12 @@ class SwirlModule(LightningModule):
         for name, was in was_training.items():
             getattr(self, name).train(was)
         return {name: sums[name] / counts[name] for name in sorted(sums)}
+
+    @override
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """A pair batch's greedy outputs, as ``evaluate_batch`` makes them: ``y_hat (B, 3, H, W)``, the FWM's next state
+        under the batch's action; ``idm_action``, the IDM's action for ``(x, y)``; per-pair ``metrics`` ``{name: (B,)}``;
+        with the batch's images and text fields. ``swirl_vl.predict.PredictionWriter`` writes them out."""
+        metrics, y_hat, idm_action = self.evaluate_batch(batch)
+        fields = ("x", "y", "action", "task", "key")
+        return {**{name: batch[name] for name in fields}, "y_hat": y_hat, "idm_action": idm_action, "metrics": metrics}
