@@ -10,7 +10,7 @@ import pytest
 import torch
 from sprite_oracles import sprite_pairs
 
-from swirl_vl.models.base import check_sampling_settings
+from swirl_vl.models.base import Rollout, check_sampling_settings
 from swirl_vl.models.diffusion_fwm import DiffusionFWM
 from swirl_vl.models.idm import VLMIDM
 from swirl_vl.models.tiny_diffusion import build_tiny_instruct_pix2pix
@@ -205,3 +205,53 @@ def test_sampling_settings_a_backend_does_not_take_fail_before_training(folders:
     check_sampling_settings(idm, {"temperature": 1.5, "top_k": 10}, flag)
     with pytest.raises(ValueError, match="it takes no 'top_p'"):  # the module checks its settings when it is made
         _module(folders, idm_generation={"top_p": 0.9})
+
+
+def test_micro_batches_add_up_to_the_whole_step_and_later_updates_reuse_the_first_logprobs(
+    folders: dict[str, Path], monkeypatch
+) -> None:
+    """One rollout batch updated in one piece and in micro-batches of one group gives the same gradient; with two
+    updates per rollout batch, the second one's ratio is taken against the first one's log-probs (clipped where it
+    moved far enough)."""
+    torch.manual_seed(0)
+    fwm = FWMModule(TokenFWM(str(folders["token"])))
+    idm = IDMModule(VLMIDM.from_pretrained(folders["llava"]))
+    module = SwirlModule(fwm, idm, fwm_group_size=2, grad_clip=0.0, updates_per_rollout=2)
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **_: logged.__setitem__(name, float(value)))
+    monkeypatch.setattr(module, "manual_backward", lambda loss: loss.backward())
+    opt = torch.optim.SGD(fwm.model.parameters(), lr=5.0)  # a large step: the second update's ratio moves
+    module._trainer = SimpleNamespace(optimizers=[opt], global_step=0, global_rank=0)
+    x, _, z = sprite_pairs(2)
+    with torch.no_grad():
+        rollout = fwm.model.sample(x, z, num_samples=2)
+    rewards = torch.tensor([1.0, -1.0, 0.5, -0.5])
+
+    def rows(r: slice) -> Rollout:
+        ctx = {k: v[r] for k, v in rollout.context.items()}
+        return Rollout(2, rollout.old_logprobs[r], rollout.mask[r], rollout.images[r], context=ctx, temperature=0.75)
+
+    steps: list[list[torch.Tensor]] = []
+    start = [p.detach().clone() for p in fwm.model.parameters()]
+
+    def record_and_step() -> None:
+        steps.append([p.grad.clone() for p in fwm.model.parameters() if p.grad is not None])
+        torch.optim.SGD.step(opt)
+
+    monkeypatch.setattr(opt, "step", record_and_step)
+    results = []
+    for chunks in ([(rollout, rewards)], [(rows(slice(0, 2)), rewards[:2]), (rows(slice(2, 4)), rewards[2:])]):
+        with torch.no_grad():
+            for p, p0 in zip(fwm.model.parameters(), start):
+                p.copy_(p0)
+        steps.clear()
+        module.update(module.fwm_objective, fwm.model, None, chunks, opt, 0.0, "phase1")
+        assert len(steps) == 2  # two updates, one optimiser step each
+        results.append((list(steps), dict(logged)))
+    for whole, pieces in zip(results[0][0][0], results[1][0][0]):
+        torch.testing.assert_close(whole, pieces, atol=1e-6, rtol=1e-4)
+    assert results[0][1]["phase1/sampler_logprob_gap"] < 1e-4
+    assert results[0][1]["phase1/clip_frac"] > 0  # measured on the second update, against the first's log-probs
+    torch.testing.assert_close(
+        torch.tensor(results[0][1]["phase1/clip_frac"]), torch.tensor(results[1][1]["phase1/clip_frac"])
+    )

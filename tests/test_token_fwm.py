@@ -149,7 +149,7 @@ def test_gradient_checkpointing_keeps_the_gradients(folder: Path) -> None:
     grads = []
     for checkpointing in (False, True):
         fwm = TokenFWM(str(folder), gradient_checkpointing=checkpointing).train()
-        assert fwm.lm.is_gradient_checkpointing == checkpointing
+        assert fwm.lm.is_activation_checkpointing == checkpointing
         logp, _ = fwm.rollout_logprobs(rollout)
         logp.sum().backward()
         grads.append([p.grad for p in fwm.lm.parameters()])

@@ -78,7 +78,10 @@ def generate_groups(
 def shares_prompts(model: nn.Module) -> bool:
     """Whether ``grouped_tail_logits`` can run on ``model`` now: not while gradient checkpointing trains it (which
     turns the KV cache off)."""
-    return not (model.training and getattr(model, "is_gradient_checkpointing", False))
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers ≥ 5.2x; before: is_gradient_…
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    return not (model.training and checkpointing)
 
 
 def grouped_tail_logits(
