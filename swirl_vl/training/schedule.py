@@ -5,12 +5,18 @@ The schedule is SFT for ``sft_steps`` batches, then ``iterations`` rounds of Pha
 run killed mid-phase resumes in the same phase at the same step, and resuming into a longer schedule
 continues it. At the end of SFT and of each iteration it evaluates both models on the test split; the
 table is printed at the end of fit and written to ``<log_dir>/swirl_metrics.json``.
+
+A resumed run logs to a new folder (Lightning's next ``version_N``); the schedule makes it complete: its
+``pretrained/`` also holds the folders exported before the resume (hard links, no copy of the weights), and
+``swirl_phases.json`` counts a phase's steps and time on both sides of the resume. Folders an export killed midway
+left behind (``.<name>.tmp-<pid>``) are removed at the next start.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import time
@@ -66,6 +72,8 @@ class SwirlSchedule(Callback):
         self._resumed = False
         self._phase_started: float | None = None
         self._phase_steps_timed = 0
+        self._phase_seconds_before = 0.0  # timed in this phase before the current process (resumed runs)
+        self.pretrained_dir: Path | None = None  # where this run exports; from the checkpoint: the previous run's
 
     def _steps(self, stage: str) -> int:
         return {"sft": self.sft_steps, "phase1": self.phase1_steps, "phase2": self.phase2_steps}[stage]
@@ -87,6 +95,7 @@ class SwirlSchedule(Callback):
             rank_zero_info(
                 f"[swirl] resuming in {self.stage} (iteration {self.iteration}) at step {self.step_in_phase}"
             )
+        self._adopt_pretrained(trainer)
         self._enter(pl_module, refresh_reference=not self._resumed, starting=self.step_in_phase == 0)
         self._skip_empty_phases(trainer, pl_module)
 
@@ -127,8 +136,8 @@ class SwirlSchedule(Callback):
 
     def _finish_phase(self, trainer: Trainer, module: SwirlModule) -> None:
         finished, iteration = self.stage, self.iteration
-        if self._phase_started is not None and self._phase_steps_timed:
-            seconds = time.perf_counter() - self._phase_started
+        if self._phase_steps_timed:
+            seconds = self._phase_seconds()
             self.phase_stats.append(
                 {
                     "stage": finished,
@@ -139,7 +148,7 @@ class SwirlSchedule(Callback):
                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 }
             )
-        self._phase_started, self._phase_steps_timed = None, 0
+        self._phase_started, self._phase_steps_timed, self._phase_seconds_before = None, 0, 0.0
         if self.export_pretrained and self._steps(finished) > 0:
             self._export(trainer, module, finished, iteration)
         self.stage, self.iteration = self._next(finished, iteration)
@@ -164,14 +173,39 @@ class SwirlSchedule(Callback):
             module.log(f"schedule/{name}", value, batch_size=1, rank_zero_only=True)
         rank_zero_info(f"[swirl] test after {label}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
-    def _export(self, trainer: Trainer, module: SwirlModule, stage: str, iteration: int) -> None:
+    def _phase_seconds(self) -> float:
+        """Seconds timed in the current phase so far, in this process and (resumed) the ones before it."""
+        running = 0.0 if self._phase_started is None else time.perf_counter() - self._phase_started
+        return self._phase_seconds_before + running
+
+    def _adopt_pretrained(self, trainer: Trainer) -> None:
+        """Export to this run's ``pretrained/``; when resumed from a run that logged elsewhere, first link the folders
+        that run exported into it. Either way, remove what exports killed midway left in both."""
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
-        if trainer.global_rank != 0 or log_dir is None:
+        previous, self.pretrained_dir = self.pretrained_dir, None if log_dir is None else Path(log_dir) / "pretrained"
+        if trainer.global_rank != 0:
+            return
+        for folder in {previous, self.pretrained_dir} - {None}:
+            remove_stale_exports(folder)
+        if previous is None or self.pretrained_dir is None or not previous.is_dir():
+            return
+        if previous.resolve() == self.pretrained_dir.resolve():
+            return
+        for source in sorted(previous.glob("*/*")):
+            target = self.pretrained_dir / source.relative_to(previous)
+            if source.is_dir() and not source.name.startswith(".") and not target.exists():
+                link_tree(source, target)
+        rank_zero_info(
+            f"[swirl] pretrained folders exported before the resume ({previous}) linked into {self.pretrained_dir}"
+        )
+
+    def _export(self, trainer: Trainer, module: SwirlModule, stage: str, iteration: int) -> None:
+        if trainer.global_rank != 0 or self.pretrained_dir is None:
             return
         models = TRAINS[stage]
         tag = "sft" if stage == "sft" else f"iteration_{iteration + 1}_{stage}"
         for name in models:
-            final = Path(log_dir) / "pretrained" / tag / name
+            final = self.pretrained_dir / tag / name
             tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             getattr(module, name).model.save_pretrained(tmp)
@@ -184,23 +218,24 @@ class SwirlSchedule(Callback):
             return
         if self.stage == DONE:
             self._save_last_checkpoints(trainer)
-        if not self.history:
-            return
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if trainer.global_rank != 0:
             return
-        print(format_table(self.history))
-        if log_dir is not None:
-            out = Path(log_dir) / "swirl_metrics.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.history, indent=2))
-            tmp.replace(out)
-            stats = Path(log_dir) / "swirl_phases.json"
-            tmp = stats.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.phase_stats, indent=2))
-            tmp.replace(stats)
-            print(f"[swirl] metrics table written to {out}; step times and peak memory per phase to {stats}")
+        if self.history:
+            print(format_table(self.history))
+        if log_dir is None:
+            return
+        written = []
+        for name, rows in (("swirl_metrics.json", self.history), ("swirl_phases.json", self.phase_stats)):
+            if rows:
+                out = Path(log_dir) / name
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(f".{name}.tmp-{os.getpid()}")
+                tmp.write_text(json.dumps(rows, indent=2))
+                tmp.replace(out)
+                written.append(str(out))
+        if written:
+            print(f"[swirl] evaluations after each stage, step times and peak memory per phase: {', '.join(written)}")
 
     @staticmethod
     def _save_last_checkpoints(trainer: Trainer) -> None:
@@ -208,8 +243,12 @@ class SwirlSchedule(Callback):
         the callback's own saves, which would leave ``last.ckpt`` up to ``every_n_train_steps`` behind the end."""
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath is not None:
-                last = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+                default = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+                last = callback.last_model_path or str(default)
                 trainer.save_checkpoint(last)  # a collective under DDP: every rank calls, rank 0 writes
+                # The callback's own end-of-fit save (after this hook, when it saved nothing in this run) writes to its
+                # last_model_path; any other existing file it would not overwrite but write beside, as last-v1.ckpt.
+                callback.last_model_path = last
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -219,6 +258,9 @@ class SwirlSchedule(Callback):
             "step_in_phase": self.step_in_phase,
             "history": self.history,
             "phase_stats": self.phase_stats,
+            "phase_steps_timed": self._phase_steps_timed,
+            "phase_seconds": self._phase_seconds(),
+            "pretrained_dir": None if self.pretrained_dir is None else str(self.pretrained_dir),
         }
 
     @override
@@ -228,7 +270,51 @@ class SwirlSchedule(Callback):
         self.step_in_phase = state_dict["step_in_phase"]
         self.history = list(state_dict["history"])
         self.phase_stats = list(state_dict.get("phase_stats", []))
+        self._phase_steps_timed = state_dict.get("phase_steps_timed", 0)
+        self._phase_seconds_before = state_dict.get("phase_seconds", 0.0)
+        pretrained = state_dict.get("pretrained_dir")
+        self.pretrained_dir = None if pretrained is None else Path(pretrained)
         self._resumed = True
+
+
+STALE_EXPORT = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")
+
+
+def remove_stale_exports(pretrained: Path) -> None:
+    """Remove the ``<tag>/.<name>.tmp-<pid>`` folders under ``pretrained`` whose exporting process is gone."""
+    for tmp in pretrained.glob("*/.*.tmp-*"):
+        match = STALE_EXPORT.fullmatch(tmp.name)
+        if match is not None and tmp.is_dir() and not _alive(int(match["pid"])):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """``target`` as a copy of the folder ``source`` made of hard links (a plain copy across file systems), built
+    under a temporary name and renamed into place. Exports replace whole folders, never files in place, so the
+    linked files never change under either name."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, copy_function=link)
+    tmp.rename(target)
 
 
 def format_table(history: list[dict[str, Any]]) -> str:
