@@ -32,8 +32,8 @@ from .sprites import write_sprite_splits
 
 Pair = dict[str, Any]
 SPLITS = ("labelled", "unlabelled", "val", "test")
-STAGE_SPLITS = {"fit": ("labelled", "unlabelled", "val"), "validate": ("val",), "test": ("test",)}
-"""The splits each Trainer stage reads."""
+STAGE_SPLITS = {"fit": ("labelled", "unlabelled", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+"""The splits each Trainer stage reads (``predict`` writes out the test split's pairs)."""
 
 
 def expand_pairs(traj: DecodedTrajectory, with_actions: bool, tasks: Iterable[str] | None = None) -> Iterator[Pair]:
@@ -262,6 +262,10 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | list:
         return self._eval_loader("test") if self.patterns["test"] is not None else []
+
+    def predict_dataloader(self) -> DataLoader | list:
+        """The test split's pairs, in order (point ``--data.test`` at other shards to predict on them)."""
+        return self.test_dataloader()
 
     def trajectories(self, split: str) -> list[DecodedTrajectory]:
         """Whole trajectories of a split (loaded once, in shard order), for multi-turn evaluation.

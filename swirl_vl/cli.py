@@ -7,17 +7,32 @@ import warnings
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
 
+from swirl_vl.predict import PredictionWriter
 from swirl_vl.training.schedule import SwirlSchedule
 
 
 class SwirlCLI(LightningCLI):
-    """Adds ``--schedule.*`` (the ``SwirlSchedule`` callback) to Lightning's own arguments."""
+    """Adds ``--schedule.*`` (the ``SwirlSchedule`` callback) to Lightning's own arguments, and to ``predict`` the
+    ``--predictions.*`` of the ``PredictionWriter`` that writes its outputs."""
 
-    def add_arguments_to_parser(self, parser) -> None:
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(SwirlSchedule, "schedule")
 
+    @override
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        # The one place LightningCLI builds a single subcommand's parser: the writer is an argument of predict alone.
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_lightning_class_args(PredictionWriter, "predictions")
+            # The writer writes each batch out; kept in memory too, a large split's images would fill it.
+            parser.set_defaults(return_predictions=False)
+        return parser
+
+    @override
     def instantiate_classes(self) -> None:
         # Before any model loads (minutes for real checkpoints): every missing folder and shard split, at once.
         config = self.config[self.subcommand] if self.subcommand else self.config
