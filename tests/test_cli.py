@@ -340,3 +340,44 @@ def test_diffusion_phase1_variants_train_the_unet(tmp_path, sprite_root, variant
     assert sft.keys() == phase1.keys() and any(not torch.equal(sft[k], phase1[k]) for k in sft)
     UNet2DConditionModel.from_pretrained(phase1_dir)  # a plain diffusers UNet (LoRA merged)
     assert _scalar_values(run, "phase1/kl") and _scalar_values(run, "phase1/reward_mean")
+
+
+def _cli_error(args: list[str]) -> str:
+    """The message the CLI exits with, run in this process (these errors come before any model loads)."""
+    from swirl_vl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return str(exit_info.value.code)
+
+
+def test_yaml_syntax_error_names_the_file_the_line_and_the_fix(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("trainer:\n  max_epochs: 1\n   devices: 1\n")
+    message = _cli_error(["fit", "--config", str(config)])
+    assert f"--config {config} is not valid YAML at line 3" in message, message
+    assert "   devices: 1" in message and "Fix: correct that line" in message, message
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "corrupt"])
+def test_unreadable_checkpoint_is_named_with_the_fix_before_any_model_loads(tmp_path, damage):
+    import zipfile
+
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(4096.0)}}, ckpt)
+    data = bytearray(ckpt.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = bytearray(b"not a checkpoint\n" * 100)
+    else:  # bytes of the tensor's record changed: torch.load would return the changed weights without a word
+        with zipfile.ZipFile(ckpt) as archive:
+            record = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+        start = record.header_offset + 30 + len(record.filename.encode()) + len(record.extra) + 100
+        data[start : start + 8] = b"\xff" * 8
+    ckpt.write_bytes(bytes(data))
+    message = _cli_error(["test", *_tiny_args(tmp_path, tmp_path / "data"), "--ckpt_path", str(ckpt)])
+    expected = {"truncated": "is cut short", "garbage": "is not a checkpoint", "corrupt": "is damaged: record"}
+    assert f"--ckpt_path {ckpt} {expected[damage]}" in message, message
+    assert "Fix: pass a checkpoint that fit wrote whole" in message and "weights_only" not in message, message
+    assert not (tmp_path / "models").exists(), "a model was built before the checkpoint was checked"
