@@ -47,6 +47,12 @@ def sampler_gap(logprobs: Tensor | None, rollout: Rollout) -> Tensor | None:
     return (logprobs - rollout.old_logprobs.to(logprobs)).abs()[m].mean()
 
 
+def zero_loss(model: nn.Module) -> Tensor:
+    """A loss of 0 over every trainable parameter of ``model``: a backward pass that changes nothing, for a step with
+    nothing to learn from (under DDP every rank must take part in the same gradient reductions)."""
+    return sum(p.sum() * 0 for p in model.parameters() if p.requires_grad)
+
+
 def mean_token_logprob(logp: Tensor, mask: Tensor) -> Tensor:
     """``(N, L)`` per-token log-probs → ``(N,)`` mean over the masked-in tokens."""
     m = mask.to(logp.dtype)
@@ -468,8 +474,7 @@ class SwirlModule(LightningModule):
         return x[idx], y[idx], [z[i] for i in idx.tolist()]
 
     def _zero_step(self, opt: Any, model: nn.Module) -> None:
-        # Still a (zero) backward: under DDP every rank must take part in the same reductions.
-        self._step(opt, sum(p.sum() * 0 for p in model.parameters() if p.requires_grad))
+        self._step(opt, zero_loss(model))
 
     def bootstrap_fwm_step(self, pairs: dict, opt: Any) -> None:
         """The Bootstrap baseline (paper, Table 1): SFT of the FWM on the frozen IDM's filtered greedy labels."""
@@ -551,7 +556,7 @@ class SwirlModule(LightningModule):
             outs = []
             for i, chunk in enumerate(chunks):
                 if chunk is None:
-                    self.manual_backward(sum(p.sum() * 0 for p in policy.parameters() if p.requires_grad))
+                    self.manual_backward(zero_loss(policy))
                     continue
                 rollout, rewards = chunk
                 out = objective(policy, reference, rollout, rewards, beta, old_logprobs=old[i], num_terms=total)
