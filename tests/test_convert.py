@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules import convert
-from datamodules.convert import convert_aurora, main
+from datamodules.convert import aurora, convert_aurora, main
 from datamodules.shards import SkipCounter, iter_trajectories
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "aurora-bench-sample"
@@ -147,7 +146,7 @@ def test_old_shards_are_replaced_only_once_the_new_set_is_complete(
     convert_aurora(root, root / "test.json", out, shard_size=2)
     (out / "notes.txt").write_text("kept")
     before = _snapshot(out)
-    load, calls = convert._load_image, []
+    load, calls = aurora._load_image, []
 
     def crash_at_the_fifth_image(path: Path, image_size: int | None) -> object:
         calls.append(path)
@@ -155,7 +154,7 @@ def test_old_shards_are_replaced_only_once_the_new_set_is_complete(
             raise KeyboardInterrupt
         return load(path, image_size)
 
-    monkeypatch.setattr(convert, "_load_image", crash_at_the_fifth_image)
+    monkeypatch.setattr(aurora, "_load_image", crash_at_the_fifth_image)
     with pytest.raises(KeyboardInterrupt):  # the first resized shard is complete when it strikes
         convert_aurora(root, root / "test.json", out, shard_size=1, image_size=4)
     assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "root"]

@@ -1,0 +1,15 @@
+"""Converters from public layouts to trajectory shards (layout and commands in the README, "Train on your own data").
+
+    python -m datamodules.convert aurora --root DIR --json DIR/test.json --out OUT
+
+One module per converter, each returning a ``ConversionReport`` (``report.py``); ``cli.py`` holds the registry of
+subcommands and their shared flags. A conversion never destroys data: new shards are written into a staging folder
+beside ``--out`` that replaces the old ones only once complete, and one that would write nothing is an error that
+leaves ``--out`` as it was.
+"""
+
+from .aurora import convert_aurora
+from .cli import CONVERTERS, main
+from .report import ConversionReport
+
+__all__ = ["CONVERTERS", "ConversionReport", "convert_aurora", "main"]
