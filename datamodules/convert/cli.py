@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import aurora
+from . import aurora, video
 from .report import ConversionReport
 
 
@@ -31,6 +31,12 @@ class Converter:
 CONVERTERS: dict[str, Converter] = {
     "aurora": Converter(
         "Aurora-Bench layout (test.json + images) → labelled pairs", "aurora-*.tar", aurora.add_arguments, aurora.run
+    ),
+    "video": Converter(
+        "video files and frame folders → state-only trajectories (SSIM-filtered)",
+        "video-train-*.tar and video-val-*.tar",
+        video.add_arguments,
+        video.run,
     ),
 }
 
