@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import aurora, video
+from . import aurora, bytemorph, video
 from .report import ConversionReport
 
 
@@ -37,6 +37,12 @@ CONVERTERS: dict[str, Converter] = {
         "video-train-*.tar and video-val-*.tar",
         video.add_arguments,
         video.run,
+    ),
+    "bytemorph": Converter(
+        "ByteMorph-Bench parquet or side-by-side images + JSON → labelled pairs",
+        "bytemorph-*.tar",
+        bytemorph.add_arguments,
+        bytemorph.run,
     ),
 }
 
