@@ -132,10 +132,32 @@ def predicted(runs) -> Path:
     return out
 
 
-def test_predict_writes_the_greedy_next_state_and_action_of_every_pair(runs, predicted):
+@pytest.fixture(scope="module")
+def from_folders(runs) -> tuple[Path, object]:
+    """``predict`` on the resumed run's save_pretrained folders, no checkpoint, no rollouts, no sheet; in this process
+    (the subprocesses above cover the CLI's own start), so that its FWM serves the checks below."""
+    from swirl_vl.cli import main
+
+    pretrained = runs["second"] / "pretrained"
+    out = runs["tmp"] / "from_folders"
+    args = [
+        "--model.init_args.fwm.init_args.model.init_args.path",
+        str(pretrained / "iteration_1_phase1" / "fwm"),
+        "--model.init_args.idm.init_args.model.init_args.path",
+        str(pretrained / "iteration_1_phase2" / "idm"),
+        "--predictions.output_dir",
+        str(out),
+        "--predictions.rollout_trajectories",
+        "0",
+        "--predictions.sheet_rows",
+        "0",
+    ]
+    return out, main(["predict", *runs["args"], *args])
+
+
+def test_predict_writes_the_greedy_next_state_and_action_of_every_pair(runs, predicted, from_folders):
     from datamodules.trajectory import TrajectoryDataModule
     from swirl_vl.eval.rollout import rollout
-    from swirl_vl.models.token_fwm import TokenFWM
 
     rows = [json.loads(line) for line in (predicted / "index.jsonl").read_text().splitlines()]
     data = TrajectoryDataModule(root=str(runs["tmp"] / "data"))
@@ -145,9 +167,9 @@ def test_predict_writes_the_greedy_next_state_and_action_of_every_pair(runs, pre
     assert [r["action"] for r in rows] == [p["action"] for p in pairs]
     assert all(r["idm_action"] and {"fwm_psnr", "idm_exact", "fwm_state_acc"} <= r.keys() for r in rows)
     written = np.stack([_png(predicted / r["y_hat"]) for r in rows])
-    # The FWM the checkpoint holds is the one exported after Phase I (Phase II trains the IDM alone); predict batches
-    # the pairs 8 at a time (--data.eval_batch_size), and so does this.
-    fwm = TokenFWM.from_pretrained(runs["second"] / "pretrained" / "iteration_1_phase1" / "fwm").eval()
+    # The FWM the checkpoint holds is the one exported after Phase I (Phase II trains the IDM alone), here loaded from
+    # that folder; predict batches the pairs 8 at a time (--data.eval_batch_size), and so does this.
+    fwm = from_folders[1].model.fwm.model.eval()
     x = torch.stack([p["x"] for p in pairs])
     actions = [p["action"] for p in pairs]
     with torch.no_grad():
@@ -168,24 +190,8 @@ def test_predict_writes_the_greedy_next_state_and_action_of_every_pair(runs, pre
     assert sheet.count("data:image/png;base64,") == 3 * len(rows) + 6 + 5
 
 
-def test_predict_from_save_pretrained_folders_without_a_checkpoint(runs, predicted):
-    from swirl_vl.cli import main
-
-    pretrained = runs["second"] / "pretrained"
-    out = runs["tmp"] / "from_folders"
-    args = [
-        "--model.init_args.fwm.init_args.model.init_args.path",
-        str(pretrained / "iteration_1_phase1" / "fwm"),
-        "--model.init_args.idm.init_args.model.init_args.path",
-        str(pretrained / "iteration_1_phase2" / "idm"),
-        "--predictions.output_dir",
-        str(out),
-        "--predictions.rollout_trajectories",
-        "0",
-        "--predictions.sheet_rows",
-        "0",
-    ]
-    main(["predict", *runs["args"], *args])  # in this process: the subprocess runs above cover the CLI's own start
+def test_predict_from_save_pretrained_folders_without_a_checkpoint(predicted, from_folders):
+    out = from_folders[0]
     rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     from_ckpt = [json.loads(line) for line in (predicted / "index.jsonl").read_text().splitlines()]
     assert rows == from_ckpt  # the same models: the same images, actions and metrics
