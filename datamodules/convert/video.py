@@ -103,7 +103,7 @@ def find_clips(src: Path, val_fraction: float = 0.0) -> list[Clip]:
     for folder, _, files in os.walk(src):
         here = Path(folder)
         if any(Path(f).suffix.lower() in FRAME_SUFFIXES for f in files):
-            name = here.relative_to(src).as_posix()
+            name = here.relative_to(src).as_posix() if here != src else src.name
             clips.append(Clip(here, name, True, split_of(name, val_fraction)))
         for f in files:
             if Path(f).suffix.lower() in VIDEO_SUFFIXES:
@@ -139,10 +139,10 @@ def _square(image: Image.Image, size: int | None) -> Image.Image:
     if size is None:
         return image
     w, h = image.size
-    side = min(w, h)
-    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
     if (w, h) == (size, size):
         return image
+    side = min(w, h)
+    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
     return image.resize((size, size), Image.Resampling.BICUBIC, box=box)
 
 
