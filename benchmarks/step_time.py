@@ -135,6 +135,7 @@ def run_swirl(args: argparse.Namespace, phase: str) -> dict:
         devices=1,
         max_epochs=-1,
         logger=False,
+        default_root_dir=str(args.work),  # where the schedule writes swirl_phases.json
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

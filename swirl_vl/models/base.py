@@ -164,7 +164,8 @@ def check_sampling_settings(model: nn.Module, settings: dict | None, flag: str) 
     taken = {
         name: p
         for name, p in inspect.signature(model.sample).parameters.items()
-        if name not in ("self", "x", "y", "z", "num_samples", "greedy") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        if name not in ("self", "x", "y", "z", "num_samples", "greedy")
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
     for name, value in (settings or {}).items():
         if name not in taken:
