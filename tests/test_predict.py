@@ -194,7 +194,13 @@ def test_predict_from_save_pretrained_folders_without_a_checkpoint(predicted, fr
     out = from_folders[0]
     rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     from_ckpt = [json.loads(line) for line in (predicted / "index.jsonl").read_text().splitlines()]
-    assert rows == from_ckpt  # the same models: the same images, actions and metrics
+    # The same models: the same images, actions and metrics (up to float error: the CLI's process runs other threads).
+    assert [{k: v for k, v in r.items() if not isinstance(v, float)} for r in rows] == [
+        {k: v for k, v in r.items() if not isinstance(v, float)} for r in from_ckpt
+    ]
+    for row, other in zip(rows, from_ckpt):
+        floats = [k for k, v in row.items() if isinstance(v, float)]
+        assert [row[k] for k in floats] == pytest.approx([other[k] for k in floats], rel=1e-4, abs=1e-5)
     for row in rows:
         np.testing.assert_array_equal(_png(out / row["y_hat"]), _png(predicted / row["y_hat"]))
     assert not (out / "rollouts.jsonl").exists() and not (out / "sheet.html").exists()

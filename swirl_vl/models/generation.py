@@ -84,6 +84,30 @@ def shares_prompts(model: nn.Module) -> bool:
     return not (model.training and checkpointing)
 
 
+def tail_logits(
+    model: nn.Module,
+    inputs: Mapping[str, Tensor],
+    length: int,
+    group_size: int = 1,
+    per_token: tuple[str, ...] = (),
+    mask_positions: bool = True,
+) -> Tensor:
+    """``(N, L, V)`` logits that predict the last ``L = length`` tokens of each row of ``inputs`` (left-padded).
+
+    ``group_size > 1``: rows come in groups sharing their prompt, which then runs once per group
+    (``grouped_tail_logits``), unless gradient checkpointing turns the cache off. Otherwise one forward pass over
+    every row. ``mask_positions``: positions count real tokens only, as ``generate`` computes them for left padding
+    (False for models that derive their own, e.g. multimodal RoPE).
+    """
+    if group_size > 1 and shares_prompts(model):
+        return grouped_tail_logits(model, inputs, length, group_size, per_token)
+    kwargs = dict(inputs)
+    if mask_positions:
+        kwargs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    # Positions T-L-1 .. T-2 predict the L tail tokens; the last position predicts nothing.
+    return model(**kwargs, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
+
+
 def grouped_tail_logits(
     model: nn.Module, inputs: Mapping[str, Tensor], length: int, group_size: int, per_token: tuple[str, ...] = ()
 ) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor
 from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, LogitsProcessorList, ProcessorMixin
 
 from swirl_vl.models.base import InverseDynamicsModel, Rollout, enable_gradient_checkpointing, missing_checkpoint_error
-from swirl_vl.models.generation import RecordLogprobs, generate_groups, grouped_tail_logits, shares_prompts
+from swirl_vl.models.generation import RecordLogprobs, generate_groups, tail_logits
 from swirl_vl.models.tiny_vlm import build_tiny_llava, build_tiny_qwen2_5_vl
 
 TINY_BUILDERS = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl}
@@ -197,15 +197,9 @@ class VLMIDM(InverseDynamicsModel):
 
         ``group_size``: rows come in groups that share their prompt (a rollout); it then runs once per group.
         """
-        if group_size > 1 and shares_prompts(self.model) and not self._mrope:
-            logits = grouped_tail_logits(self.model, inputs, length, group_size, _TOKEN_TYPE_KEYS)
-        else:
-            kwargs = dict(inputs)
-            if not self._mrope:
-                # As generate() does: positions count real tokens only, so left padding shifts nothing.
-                kwargs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-            # Logits at positions T-L-1 .. T-2 predict the L completion tokens; the last position predicts nothing.
-            logits = self.model(**kwargs, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
+        # Multimodal-RoPE models derive positions from the image grid: no shared prompt, no mask positions.
+        shared = 1 if self._mrope else group_size
+        logits = tail_logits(self.model, inputs, length, shared, _TOKEN_TYPE_KEYS, mask_positions=not self._mrope)
         if temperature != 1.0:
             logits = logits / temperature
         return selective_log_softmax(logits, inputs["input_ids"][:, -length:])

@@ -41,7 +41,7 @@ from transformers import (
 from typing_extensions import override
 
 from swirl_vl.models.base import ForwardWorldModel, Rollout, enable_gradient_checkpointing, missing_checkpoint_error
-from swirl_vl.models.generation import RecordLogprobs, generate_groups, grouped_tail_logits, shares_prompts
+from swirl_vl.models.generation import RecordLogprobs, generate_groups, tail_logits
 from swirl_vl.models.text import build_text_tokenizer
 from swirl_vl.models.vq import SHIPPED_SPRITE_VQ, vq_decode, vq_encode, vq_grid
 
@@ -189,19 +189,8 @@ class TokenFWM(ForwardWorldModel):
         ``group_size``: rows come in groups that share their prompt (a rollout); it then runs once per group.
         """
         L = self.num_image_tokens
-        if group_size > 1 and shares_prompts(self.lm):
-            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            logits = grouped_tail_logits(self.lm, inputs, L, group_size)
-        else:
-            # The same positions generate() uses for left-padded rows, so scoring matches sampling for any position.
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.lm(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                logits_to_keep=L + 1,  # only the tail is scored: a real model's 200k-word head stays cheap
-                use_cache=False,
-            ).logits[:, :-1]
+        # Only the tail is scored (a real model's 200k-word head stays cheap), at the positions generate() uses.
+        logits = tail_logits(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask}, L, group_size)
         logits = logits[..., self.code_token_ids].float() / temperature  # (N, L, K): t predicts t + 1
         targets = self.token_to_code[input_ids[:, -L:]]  # (N, L)
         return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -23,7 +23,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 from typing_extensions import override
 
 from swirl_vl.models.base import InverseDynamicsModel, Rollout
-from swirl_vl.models.generation import RecordLogprobs, generate_groups, grouped_tail_logits, shares_prompts
+from swirl_vl.models.generation import RecordLogprobs, generate_groups, tail_logits
 from swirl_vl.models.idm import VLMIDM, selective_log_softmax
 from swirl_vl.models.token_fwm import TokenFWM
 
@@ -127,19 +127,8 @@ class TokenIDM(InverseDynamicsModel):
     ) -> Tensor:
         """``(N, L)`` log-probs of the last ``L = length`` tokens of each row under the text-only policy, on logits
         divided by ``temperature``. ``group_size``: rows come in groups that share their prompt; it runs once each."""
-        if group_size > 1 and shares_prompts(self.lm):
-            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            logits = grouped_tail_logits(self.lm, inputs, length, group_size)
-        else:
-            # As generate() does: positions count real tokens only.
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.lm(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                logits_to_keep=length + 1,
-                use_cache=False,
-            ).logits[:, :-1]  # (N, L, V): position t predicts token t + 1
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        logits = tail_logits(self.lm, inputs, length, group_size)  # (N, L, V): position t predicts token t + 1
         logits = logits.masked_fill(self.non_text[: logits.shape[-1]], float("-inf"))
         if temperature != 1.0:
             logits = logits / temperature
