@@ -180,8 +180,11 @@ def check_sampling_settings(model: nn.Module, settings: dict | None, flag: str) 
 
 def enable_gradient_checkpointing(module: nn.Module) -> None:
     """Recompute ``module``'s activations in the backward pass instead of keeping them (its library's own switch:
-    transformers' ``gradient_checkpointing_enable``, non-reentrant, or diffusers' ``enable_gradient_checkpointing``)."""
-    if hasattr(module, "gradient_checkpointing_enable"):
+    transformers' ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` before 5.2x), non-reentrant, or
+    diffusers' ``enable_gradient_checkpointing``)."""
+    if hasattr(module, "activation_checkpointing_enable"):
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(module, "gradient_checkpointing_enable"):
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif hasattr(module, "enable_gradient_checkpointing"):
         module.enable_gradient_checkpointing()
