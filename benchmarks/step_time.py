@@ -144,8 +144,11 @@ def run_swirl(args: argparse.Namespace, phase: str) -> dict:
         callbacks=[schedule, Timing()],
     )
     trainer.fit(module, DataLoader(SamePairs(), batch_size=None))
-    planned = module.memory_plan.stages[phase] / 2**20
-    return {"cpu": timer.cpu[args.warmup :], "wall": timer.wall[args.warmup :], "planned_peak_mib": planned}
+    times = {"cpu": timer.cpu[args.warmup :], "wall": timer.wall[args.warmup :]}
+    plan = getattr(module, "memory_plan", None)  # absent in versions before the plan (a "before" measurement)
+    if plan is not None:
+        times["planned_peak_mib"] = plan.stages[phase] / 2**20
+    return times
 
 
 # ------------------------------------------------------------------------------------------- TRL side
