@@ -4,6 +4,7 @@ sampler's own log-probs, recorded as it samples (no second forward pass).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,8 +52,15 @@ def generate_groups(
     ``G`` times before decoding, instead of ``num_return_sequences``, which prefills ``G`` identical copies (vision
     tower included). Only for models whose positions follow the attention mask (not multimodal RoPE).
     """
-    if group_size == 1 or not share_prefill:
-        return model.generate(**inputs, num_return_sequences=group_size, **generate_kwargs)
+    if group_size == 1:
+        return model.generate(**inputs, **generate_kwargs)
+    if not share_prefill:
+        config = generate_kwargs.pop("generation_config", None)
+        if config is None:
+            return model.generate(**inputs, num_return_sequences=group_size, **generate_kwargs)
+        config = copy.deepcopy(config)  # transformers takes a config or loose settings, not both
+        config.num_return_sequences = group_size
+        return model.generate(**inputs, generation_config=config, **generate_kwargs)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() computes them for left padding
