@@ -255,3 +255,16 @@ def test_micro_batches_add_up_to_the_whole_step_and_later_updates_reuse_the_firs
     torch.testing.assert_close(
         torch.tensor(results[0][1]["phase1/clip_frac"]), torch.tensor(results[1][1]["phase1/clip_frac"])
     )
+
+
+def test_log_images_0_logs_no_outputs_from_the_swirl_module(folders: dict[str, Path], monkeypatch) -> None:
+    module, _ = _module(folders)
+    module.fwm.log_images = module.idm.log_images = 0
+    for name in ("fwm", "idm"):
+        monkeypatch.setattr(
+            getattr(module, name), "log_outputs", lambda *_: pytest.fail("outputs logged with log_images 0")
+        )
+    monkeypatch.setattr(module, "log", lambda *_, **__: None)
+    module._trainer = SimpleNamespace(global_step=0)
+    x, y, z = sprite_pairs(2)
+    module._eval_step({"x": x, "y": y, "action": z, "task": ["a", "b"]}, 0, "val")
