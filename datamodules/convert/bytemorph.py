@@ -58,6 +58,28 @@ def _image_bytes(cell: object) -> bytes | None:
     return bytes(cell) if isinstance(cell, (bytes, bytearray)) and cell else None
 
 
+def _edit_usable(
+    report: ConversionReport,
+    where: str,
+    task: str | None,
+    instruction: str | None,
+    tasks: set[str] | None,
+    no_task: str,
+    no_instruction: str,
+) -> bool:
+    """Whether a sample's edit type and instruction make a labelled pair; if not, it is skipped in ``report`` with its
+    reason (``no_task`` / ``no_instruction``: what the layout held instead)."""
+    if task is None:
+        report.skip(where, "bad_task", no_task)
+    elif tasks is not None and task not in tasks:
+        report.skip(where, "task", f"edit type {task!r} not selected")
+    elif instruction is None:
+        report.skip(where, "empty_instruction", no_instruction)
+    else:
+        return True
+    return False
+
+
 def _parquet_rows(files: list[Path], src: Path) -> Iterator[tuple[int, dict[str, Any], str]]:
     """(row index in its file, row, file name relative to ``src``) for every row, a batch of rows at a time."""
     for path in files:
@@ -80,14 +102,8 @@ def _parquet_trajectories(
         where = f"row {row} of {name}"
         report.inputs += 1
         task, instruction = _text(record.get("edit_type")), _text(record.get("edit_prompt"))
-        if task is None:
-            report.skip(where, "bad_task", f"edit_type {record.get('edit_type')!r}")
-            continue
-        if tasks is not None and task not in tasks:
-            report.skip(where, "task", f"edit_type {task!r} not selected")
-            continue
-        if instruction is None:
-            report.skip(where, "empty_instruction", f"edit_prompt {record.get('edit_prompt')!r}")
+        no_task, no_instruction = f"edit_type {record.get('edit_type')!r}", f"edit_prompt {record.get('edit_prompt')!r}"
+        if not _edit_usable(report, where, task, instruction, tasks, no_task, no_instruction):
             continue
         images = []
         for column, reason in (("src_img", "no_input"), ("tgt_img", "no_output")):
@@ -144,14 +160,10 @@ def _side_by_side_trajectories(
         folder = path.parent.name if path.parent != src else None
         task = _text(info.get("edit_type", folder))
         instruction = _text(info.get("edit", info.get("edit_prompt")))
-        if task is None:
-            report.skip(name, "bad_task", f"no edit_type in {sidecar.name} and no type folder")
-            continue
-        if tasks is not None and task not in tasks:
-            report.skip(name, "task", f"edit type {task!r} not selected")
-            continue
-        if instruction is None:
-            report.skip(name, "empty_instruction", f"no edit (or edit_prompt) in {sidecar.name}")
+        no_task = f"no edit_type in {sidecar.name} and no type folder"
+        if not _edit_usable(
+            report, name, task, instruction, tasks, no_task, f"no edit (or edit_prompt) in {sidecar.name}"
+        ):
             continue
         try:
             pair = _halves(path, image_size)

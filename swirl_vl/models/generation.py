@@ -42,6 +42,19 @@ class RecordLogprobs(LogitsProcessor):
         return torch.stack(steps, 1)
 
 
+def left_pad_positions(attention_mask: Tensor) -> Tensor:
+    """Position ids that count real tokens only, as ``generate`` computes them for left-padded rows."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prefill_once(model: nn.Module, prompt: Mapping[str, Tensor], positions: Tensor, group_size: int) -> Any:
+    """Run each of the ``B`` prompts once and repeat its KV cache ``group_size`` times in place (``B * G`` rows,
+    group-major); returns the model's output, whose ``logits`` are the prompts' last positions'."""
+    head = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
+    head.cache.batch_repeat_interleave(group_size)
+    return head
+
+
 def generate_groups(
     model: nn.Module, inputs: Mapping[str, Tensor], group_size: int, share_prefill: bool = True, **generate_kwargs: Any
 ) -> Tensor:
@@ -63,18 +76,9 @@ def generate_groups(
         return model.generate(**inputs, generation_config=config, **generate_kwargs)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() computes them for left padding
     # Everything but the last prompt token: generate() runs that one itself and samples from its logits.
-    prefill = model(
-        input_ids=ids[:, :-1],
-        attention_mask=mask[:, :-1],
-        position_ids=positions[:, :-1],
-        use_cache=True,
-        logits_to_keep=1,
-        **extra,
-    )
-    cache = prefill.cache
-    cache.batch_repeat_interleave(group_size)
+    prompt = {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1], **extra}
+    cache = prefill_once(model, prompt, left_pad_positions(mask)[:, :-1], group_size).cache
     return model.generate(
         input_ids=ids.repeat_interleave(group_size, 0),
         attention_mask=mask.repeat_interleave(group_size, 0),
@@ -111,7 +115,7 @@ def tail_logits(
         return grouped_tail_logits(model, inputs, length, group_size, per_token)
     kwargs = dict(inputs)
     if mask_positions:
-        kwargs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        kwargs["position_ids"] = left_pad_positions(inputs["attention_mask"])
     # Positions T-L-1 .. T-2 predict the L tail tokens; the last position predicts nothing.
     return model(**kwargs, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
 
@@ -131,7 +135,7 @@ def grouped_tail_logits(
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     n, width = ids.shape
     p = width - length
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() computes them for left padding
+    positions = left_pad_positions(mask)
     prompt = {}
     for key, value in inputs.items():
         if key in ("input_ids", "attention_mask", *per_token):
@@ -139,14 +143,12 @@ def grouped_tail_logits(
         else:  # per-row blocks (two images of a pair, say): the first row's block of each group
             blocks = value.reshape(n, value.shape[0] // n, *value.shape[1:])
             prompt[key] = blocks[::group_size].flatten(0, 1)
-    head = model(**prompt, position_ids=positions[::group_size, :p], use_cache=True, logits_to_keep=1)
-    cache = head.cache
-    cache.batch_repeat_interleave(group_size)
+    head = prefill_once(model, prompt, positions[::group_size, :p], group_size)
     tail = model(
         input_ids=ids[:, p:],
         attention_mask=mask,
         position_ids=positions[:, p:],
-        cache=cache,
+        cache=head.cache,
         use_cache=True,
         logits_to_keep=length,
         **{key: inputs[key][:, p:] for key in per_token if key in inputs},
