@@ -11,7 +11,11 @@ Conventions (README, "Layout"):
 from __future__ import annotations
 
 import inspect
+import os
+import shutil
+import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,3 +199,24 @@ def enable_gradient_checkpointing(module: nn.Module) -> None:
 def missing_checkpoint_error(path: str | Path, what: str, fix: str) -> FileNotFoundError:
     """The one error every loader raises for a model folder that is not there."""
     return FileNotFoundError(f"{what} not found at '{path}'. {fix}")
+
+
+def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a temporary sibling folder, then rename it to ``path`` (a no-op if another process won).
+
+    The rename is atomic, so concurrent ranks and crashed runs never leave a half-written folder at ``path``;
+    a process that loses the race discards its copy (every rank builds the same seeded weights). Returns ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
+        os.rename(tmp, path)  # fails if the folder exists
+    except OSError:
+        if not path.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

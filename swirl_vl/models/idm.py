@@ -7,9 +7,6 @@ through ``_completion_logprobs``, so that the GRPO ratio is exactly 1 before any
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +15,13 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, LogitsProcessorList, ProcessorMixin
 
-from swirl_vl.models.base import InverseDynamicsModel, Rollout, enable_gradient_checkpointing, missing_checkpoint_error
+from swirl_vl.models.base import (
+    InverseDynamicsModel,
+    Rollout,
+    enable_gradient_checkpointing,
+    missing_checkpoint_error,
+    write_folder_atomically,
+)
 from swirl_vl.models.generation import RecordLogprobs, generate_groups, tail_logits
 from swirl_vl.models.tiny_vlm import build_tiny_llava, build_tiny_qwen2_5_vl
 
@@ -282,20 +285,7 @@ def _missing_folder(path: Path, build_tiny: str | None) -> FileNotFoundError | N
 
 
 def _build_atomically(path: Path, architecture: str, seed: int, image_size: int) -> None:
-    """Build a tiny model in a temporary sibling folder, then rename it to ``path``.
-
-    The rename is atomic, so concurrent ranks and crashed runs never leave a half-written folder at ``path``;
-    a rank that loses the race discards its copy (all ranks build the same seeded weights).
-    """
+    """Build a tiny model at ``path`` through ``write_folder_atomically`` (never half-written, race-safe)."""
     if architecture not in TINY_BUILDERS:
         raise ValueError(f"build_tiny must be one of {sorted(TINY_BUILDERS)}; got {architecture!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        TINY_BUILDERS[architecture](tmp, seed=seed, image_size=image_size)
-        os.rename(tmp, path)
-    except OSError:
-        if not path.exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_folder_atomically(path, lambda tmp: TINY_BUILDERS[architecture](tmp, seed=seed, image_size=image_size))

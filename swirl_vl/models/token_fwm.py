@@ -20,14 +20,10 @@ diffusers ``VQModel`` folder (the image tokenizer, frozen).
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from diffusers import VQModel
 from torch import Tensor
 from transformers import (
     AutoModelForCausalLM,
@@ -40,10 +36,17 @@ from transformers import (
 )
 from typing_extensions import override
 
-from swirl_vl.models.base import ForwardWorldModel, Rollout, enable_gradient_checkpointing, missing_checkpoint_error
+from swirl_vl.models.base import (
+    ForwardWorldModel,
+    Rollout,
+    enable_gradient_checkpointing,
+    missing_checkpoint_error,
+    write_folder_atomically,
+)
 from swirl_vl.models.generation import RecordLogprobs, generate_groups, tail_logits
+from swirl_vl.models.image_tokenizer import load_image_tokenizer, resize_square
 from swirl_vl.models.text import build_text_tokenizer
-from swirl_vl.models.vq import SHIPPED_SPRITE_VQ, vq_decode, vq_encode, vq_grid
+from swirl_vl.models.vq import SHIPPED_SPRITE_VQ
 
 BOI, EOI = "<|boi|>", "<|eoi|>"
 
@@ -92,47 +95,61 @@ class TokenFWM(ForwardWorldModel):
         folder = Path(path)
         if not (folder / "config.json").is_file():
             if not build_tiny:
-                raise missing_checkpoint_error(
-                    path,
-                    "TokenFWM checkpoint",
-                    "Download a Liquid/Emu3-style causal LM whose vocabulary holds the image-code tokens "
-                    f"'{image_token(0)}'… plus '{BOI}'/'{EOI}', with its diffusers VQModel in a 'vq/' subfolder, "
-                    "or set build_tiny: true to write a tiny randomly initialised model there.",
-                )
-            build_tiny_token_fwm(folder, seed=seed, vq_path=vq_path)
+                raise missing_checkpoint_error(path, f"{type(self).__name__} checkpoint", self._download_hint())
+            self._build_tiny(folder, seed=seed, vq_path=vq_path)
         self.image_size = image_size
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.lm = AutoModelForCausalLM.from_pretrained(folder)
-        self.vq = VQModel.from_pretrained(vq_path or folder / "vq")
-        self.vq.requires_grad_(False).eval()
+        self.vq = load_image_tokenizer(vq_path or folder / "vq")
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.lm)
-        self.grid = vq_grid(self.vq, image_size)
+        self.grid = self.vq.grid(image_size)
         self.num_image_tokens = self.grid[0] * self.grid[1]
 
-        num_codes = self.vq.config.num_vq_embeddings
+        num_codes = self.vq.num_codes
+        code_ids, self.boi_id, self.eoi_id = self._vocabulary(num_codes, path)
+        # Some real tokenizers have no BOS or no pad token: start without one, pad with EOS (always masked out).
+        self._bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+        self.pad_id = next(i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None)
+        # code k ↔ token id; token_to_code maps every non-image token to -1.
+        self.register_buffer("code_token_ids", torch.tensor(code_ids), persistent=False)
+        vocab = max(len(self.tokenizer), self.lm.get_output_embeddings().out_features)  # real heads are often padded
+        if max(code_ids) >= self.lm.get_output_embeddings().out_features:
+            raise ValueError(
+                f"the language model at '{path}' has {self.lm.get_output_embeddings().out_features} output rows, "
+                f"too few for image code token {max(code_ids)}"
+            )
+        token_to_code = torch.full((vocab,), -1, dtype=torch.long)
+        token_to_code[self.code_token_ids] = torch.arange(num_codes)
+        self.register_buffer("token_to_code", token_to_code, persistent=False)
+
+    # ---------------------------------------------------------------------------------------- the folder format
+    # Overridden by each model family (``LiquidFWM``): where the image codes sit in the vocabulary, the prompt.
+
+    def _download_hint(self) -> str:
+        return (
+            "Download a causal LM whose vocabulary holds the image-code tokens "
+            f"'{image_token(0)}'… plus '{BOI}'/'{EOI}', with its image tokenizer in a 'vq/' subfolder, "
+            "or set build_tiny: true to write a tiny randomly initialised model there."
+        )
+
+    def _build_tiny(self, folder: Path, seed: int, vq_path: str | None) -> None:
+        build_tiny_token_fwm(folder, seed=seed, vq_path=vq_path)
+
+    def _vocabulary(self, num_codes: int, path: str) -> tuple[list[int], int, int]:
+        """Token ids of codes ``0 … K-1``, of begin-image and of end-image: here named ``<|img_k|>`` tokens."""
         ids = self.tokenizer.convert_tokens_to_ids([image_token(k) for k in range(num_codes)] + [BOI, EOI])
         if any(i is None or i == self.tokenizer.unk_token_id for i in ids):
             raise ValueError(
                 f"the tokenizer at '{path}' lacks image tokens: it needs '{image_token(0)}'…"
                 f"'{image_token(num_codes - 1)}' (one per VQ code), '{BOI}' and '{EOI}'"
             )
-        self.boi_id, self.eoi_id = ids[-2:]
-        # Some real tokenizers have no BOS or no pad token: start without one, pad with EOS (always masked out).
-        self._bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
-        self.pad_id = next(i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None)
-        # code k ↔ token id; token_to_code maps every non-image token to -1.
-        self.register_buffer("code_token_ids", torch.tensor(ids[:-2]), persistent=False)
-        vocab = max(len(self.tokenizer), self.lm.get_output_embeddings().out_features)  # real heads are often padded
-        token_to_code = torch.full((vocab,), -1, dtype=torch.long)
-        token_to_code[self.code_token_ids] = torch.arange(num_codes)
-        self.register_buffer("token_to_code", token_to_code, persistent=False)
+        return ids[:-2], ids[-2], ids[-1]
 
-    @override
-    def train(self, mode: bool = True) -> TokenFWM:
-        super().train(mode)
-        self.vq.eval()  # the tokenizer is frozen: its codes must not depend on the module's mode
-        return self
+    def _prompt_rows(self, x_tokens: list[list[int]], z: list[str]) -> list[list[int]]:
+        """Token ids of each prompt, ending with begin-image (``y``'s codes follow): ``<bos> z <boi> x <eoi> <boi>``."""
+        texts = self.tokenizer(list(z), add_special_tokens=False)["input_ids"]
+        return [[*self._bos, *text, self.boi_id, *xt, self.eoi_id, self.boi_id] for xt, text in zip(x_tokens, texts)]
 
     @property
     def device(self) -> torch.device:
@@ -150,22 +167,17 @@ class TokenFWM(ForwardWorldModel):
             firsts = images[::group_size]
             if torch.equal(firsts.repeat_interleave(group_size, 0), images):
                 return self.encode_images(firsts).repeat_interleave(group_size, 0)
-        images = images.to(self.device, self.vq.dtype)
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
-        return vq_encode(self.vq, images.clamp(0, 1))
+        return self.vq.encode(resize_square(images.to(self.device), self.image_size))
 
     def decode_codes(self, codes: Tensor) -> Tensor:
         """VQ codes ``(N, L)`` → images ``(N, 3, image_size, image_size)`` in ``[0, 1]``."""
-        return vq_decode(self.vq, codes, self.grid).float()
+        return self.vq.decode(codes, self.grid)
 
     def prompt_ids(self, x: Tensor, z: list[str], group_size: int = 1) -> tuple[Tensor, Tensor]:
-        """Left-padded prompts ``<bos> z <boi> x <eoi> <boi>``: ids and attention mask, both ``(B, T)``."""
+        """Left-padded prompts (``_prompt_rows``): ids and attention mask, both ``(B, T)``."""
         if len(z) != x.shape[0]:
             raise ValueError(f"{x.shape[0]} images but {len(z)} actions")
-        x_tokens = self.code_token_ids[self.encode_images(x, group_size)].tolist()  # (B, L)
-        texts = self.tokenizer(list(z), add_special_tokens=False)["input_ids"]
-        rows = [[*self._bos, *text, self.boi_id, *xt, self.eoi_id, self.boi_id] for xt, text in zip(x_tokens, texts)]
+        rows = self._prompt_rows(self.code_token_ids[self.encode_images(x, group_size)].tolist(), z)
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -212,6 +224,7 @@ class TokenFWM(ForwardWorldModel):
         greedy: bool = False,
         temperature: float = 0.75,
         top_p: float = 0.96,
+        top_k: int | None = None,
     ) -> Rollout:
         """``G = num_samples`` next states per ``(x, z)``, rows group-major (row ``b*G + g``), in one ``generate`` that
         prefills each prompt once.
@@ -228,7 +241,7 @@ class TokenFWM(ForwardWorldModel):
         config = GenerationConfig(
             max_new_tokens=L,
             min_new_tokens=L,
-            top_k=None,  # the paper samples image tokens with temperature and top-p only
+            top_k=None if greedy else top_k,  # applied within the image codes (after the restriction)
             pad_token_id=self.pad_id,
             eos_token_id=None,  # an image is exactly L tokens; nothing may end it early
             use_cache=True,
@@ -295,7 +308,7 @@ def build_tiny_token_fwm(path: str | Path, seed: int = 0, vq_path: str | Path | 
     """
     path = Path(path)
     vq_source = Path(vq_path) if vq_path is not None else SHIPPED_SPRITE_VQ
-    num_codes = VQModel.load_config(vq_source)["num_vq_embeddings"]
+    num_codes = load_image_tokenizer(vq_source).num_codes
     specials = [BOI, EOI, *(image_token(k) for k in range(num_codes))]
     # vocab_size counts the special tokens: grow it with them so the text merges match the IDM's tokenizer.
     tokenizer = build_text_tokenizer(special_tokens=specials, vocab_size=512 + len(specials))
@@ -316,17 +329,10 @@ def build_tiny_token_fwm(path: str | Path, seed: int = 0, vq_path: str | Path | 
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.copytree(vq_source, tmp / "vq")
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only
-        os.rename(tmp, path)  # atomic; fails if the folder exists
-    except OSError:
-        if not (path / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return write_folder_atomically(path, write)

@@ -1,0 +1,155 @@
+"""Image tokenizers of token world models: images ↔ discrete codes, frozen, behind one seam.
+
+A token FWM or IDM sees an image only as its codes: ``encode`` maps images ``(B, 3, H, W)`` in ``[0, 1]`` to
+codes ``(B, h*w)`` in raster order, ``decode`` maps codes back to images in ``[0, 1]``. Every tokenizer here works
+in ``[-1, 1]`` inside (the convention of the VQGANs these models were trained with). How a code becomes a token
+of the host language model (named ``<|img_k|>`` tokens, or an offset after the text vocabulary) is the host's
+business, not the tokenizer's.
+
+- ``DiffusersVQ``: a diffusers ``VQModel`` folder: the shipped sprite-world tokenizer, and Chameleon's VQGAN (used
+  by Chameleon, Anole and Liquid) after ``python -m swirl_vl.models.chameleon_vqgan`` has converted its
+  ``vqgan.ckpt``. (transformers' ``ChameleonVQVAE`` holds only the encoder: it cannot decode generated codes.)
+- ``JanusVQ``: transformers' ``JanusVQVAE`` (Janus-Pro's generation tokenizer), a folder with its config.
+
+``load_image_tokenizer(path)`` picks the class from the folder's ``config.json``. The tokenizer is never trained:
+its parameters have ``requires_grad`` off and it stays in eval mode whatever the host's mode.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import VQModel
+from torch import Tensor, nn
+from transformers import JanusVQVAE
+from typing_extensions import override
+
+
+class ImageTokenizer(nn.Module):
+    """Frozen images ↔ codes. Subclasses set ``num_codes`` and implement ``grid``, ``_encode``, ``_decode``."""
+
+    num_codes: int
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.model.requires_grad_(False).eval()
+
+    @override
+    def train(self, mode: bool = True) -> ImageTokenizer:
+        return super().train(False)  # frozen: codes must not depend on the host's mode
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def grid(self, image_size: int) -> tuple[int, int]:
+        """``(h, w)`` code grid of a square image of side ``image_size``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` → codes ``(B, h*w)`` (long), raster order."""
+        codes = self._encode(images.to(self.dtype).clamp(0, 1) * 2 - 1)
+        return codes.reshape(images.shape[0], -1)
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Codes ``(B, h*w)`` → images ``(B, 3, H, W)`` in ``[0, 1]`` (float32)."""
+        if codes.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"{codes.shape[1]} codes per image do not fill a {grid[0]}×{grid[1]} grid")
+        return ((self._decode(codes, grid).float() + 1) / 2).clamp(0, 1)
+
+    def _encode(self, pixels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _decode(self, codes: Tensor, grid: tuple[int, int]) -> Tensor:
+        raise NotImplementedError
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.model.save_pretrained(path)
+
+
+class DiffusersVQ(ImageTokenizer):
+    """A diffusers ``VQModel`` (encoder → quant_conv → nearest codebook entry; decoder from the entries)."""
+
+    def __init__(self, model: VQModel) -> None:
+        super().__init__(model)
+        self.num_codes = model.config.num_vq_embeddings
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> DiffusersVQ:
+        return cls(VQModel.from_pretrained(path))
+
+    @override
+    def grid(self, image_size: int) -> tuple[int, int]:
+        side = image_size // 2 ** (len(self.model.config.block_out_channels) - 1)
+        return side, side
+
+    @override
+    def _encode(self, pixels: Tensor) -> Tensor:
+        _, _, (_, _, indices) = self.model.quantize(self.model.encode(pixels).latents)
+        return indices
+
+    @override
+    def _decode(self, codes: Tensor, grid: tuple[int, int]) -> Tensor:
+        dim = self.model.quantize.embedding.weight.shape[1]
+        quant = self.model.quantize.get_codebook_entry(codes.reshape(-1), (codes.shape[0], *grid, dim))
+        return self.model.decode(quant, force_not_quantize=True).sample
+
+
+class JanusVQ(ImageTokenizer):
+    """transformers' ``JanusVQVAE``: a fixed grid of ``num_patches²`` codes (images are resized to its side)."""
+
+    def __init__(self, model: JanusVQVAE) -> None:
+        super().__init__(model)
+        self.num_codes = model.config.num_embeddings
+        self.image_size = model.config.num_patches * 2 ** (len(model.config.channel_multiplier) - 1)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> JanusVQ:
+        return cls(JanusVQVAE.from_pretrained(path))
+
+    @override
+    def grid(self, image_size: int) -> tuple[int, int]:
+        side = self.model.config.num_patches
+        if image_size != self.image_size:
+            raise ValueError(f"this Janus VQ codes {self.image_size}-pixel images, not {image_size}: set image_size")
+        return side, side
+
+    @override
+    def _encode(self, pixels: Tensor) -> Tensor:
+        return self.model.encode(pixels).image_tokens
+
+    @override
+    def _decode(self, codes: Tensor, grid: tuple[int, int]) -> Tensor:
+        return self.model.decode(codes)
+
+
+def load_image_tokenizer(path: str | Path) -> ImageTokenizer:
+    """The image tokenizer in folder ``path``, chosen by its ``config.json`` (diffusers ``VQModel``, Janus VQ)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"no image tokenizer at '{path}' (no config.json): expected a diffusers VQModel folder or a "
+            "transformers JanusVQVAE folder"
+        )
+    config = json.loads(config_file.read_text())
+    if config.get("_class_name") == "VQModel":
+        return DiffusersVQ.from_pretrained(path)
+    if config.get("model_type") == "janus_vqgan":
+        return JanusVQ.from_pretrained(path)
+    raise ValueError(
+        f"'{config_file}' is neither a diffusers VQModel (_class_name) nor a JanusVQVAE (model_type janus_vqgan); "
+        "Chameleon's vqgan.ckpt converts with `python -m swirl_vl.models.chameleon_vqgan`"
+    )
+
+
+def resize_square(images: Tensor, size: int) -> Tensor:
+    """``images`` resized to ``size × size`` (bilinear, antialiased) unless they already are."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)

@@ -1,0 +1,169 @@
+"""Liquid (Wu et al. 2024), the paper's own world model: a Gemma causal LM whose vocabulary is extended by the
+image codes of Chameleon's VQGAN, placed right after the text vocabulary (token id = ``len(tokenizer) + code``).
+
+``LiquidFWM`` reads a Liquid folder as published (``Junfeng5/Liquid_V1_7B``: ``config.json``, safetensors, the
+Gemma tokenizer with ``<boi>``, ``<eoi>``, ``<unconditional>``) through ``AutoModelForCausalLM`` /
+``AutoTokenizer``, and its image tokenizer from ``vq_path`` (default ``<path>/vq``): Chameleon's VQGAN converted to
+a diffusers ``VQModel`` folder (``python -m swirl_vl.models.chameleon_vqgan``). The prompt is the paper's code's
+(``src/inferencer.py``, ``_generate_liquid_ti2i``), one fixed instruction instead of a random one of ten so that
+likelihoods are deterministic:
+
+    <bos> <boi> x_1 … x_L <eoi> \\n {instruction} {action} <boi> y_1 … y_L
+    └────────────────────────── prompt ─────────────────────────┘ └─ target ─┘
+
+Image tokens are sampled restricted to the image codes at temperature 0.75, top-p 0.96, top-k 4096, as the
+paper's code samples them; the policy that SFT, GRPO and the Phase II reward score is that same restriction (the
+paper's reward scores ``y`` and ``<eoi>`` under the full vocabulary; here the sampler and every score agree).
+
+``build_tiny_liquid`` writes the same layout at a few MB: a 4-layer Gemma, a Gemma tokenizer (byte-fallback BPE
+trained on a seed corpus) and an image tokenizer in ``vq/`` (default: the shipped sprite-world VQ).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, trainers
+from transformers import GemmaConfig, GemmaForCausalLM, GemmaTokenizer, GenerationConfig
+from typing_extensions import override
+
+from swirl_vl.models.base import Rollout, write_folder_atomically
+from swirl_vl.models.image_tokenizer import load_image_tokenizer
+from swirl_vl.models.text import _SEED_CORPUS
+from swirl_vl.models.token_fwm import TokenFWM
+from swirl_vl.models.vq import SHIPPED_SPRITE_VQ
+
+LIQUID_BOI, LIQUID_EOI, UNCONDITIONAL = "<boi>", "<eoi>", "<unconditional>"
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+FWM_INSTRUCTION = "Modify the provided image based on the given instruction:"
+
+
+class LiquidFWM(TokenFWM):
+    """``P_θ(y | x, z)`` on a Liquid folder: ``y``'s Chameleon-VQGAN codes after ``x``'s and the instruction."""
+
+    def __init__(
+        self,
+        path: str,
+        build_tiny: bool = False,
+        seed: int = 0,
+        vq_path: str | None = None,
+        image_size: int = 512,
+        instruction: str = FWM_INSTRUCTION,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        """
+        Args:
+            path: Liquid folder (Gemma causal LM + tokenizer; ``vq/`` unless ``vq_path``).
+            build_tiny: when ``path`` holds no model, write a tiny randomly initialised one there first.
+            seed: initialisation seed of the tiny model.
+            vq_path: image tokenizer folder (Chameleon's VQGAN as a diffusers ``VQModel``); default ``<path>/vq``.
+            image_size: side in pixels the VQ sees (Liquid: 512, so 32 × 32 = 1,024 codes); inputs are resized.
+            instruction: the editing instruction put before the action (the first of the paper's ten).
+            gradient_checkpointing: recompute the language model's activations in backward.
+        """
+        self.instruction = instruction
+        super().__init__(path, build_tiny, seed, vq_path, image_size, gradient_checkpointing)
+
+    @override
+    def _download_hint(self) -> str:
+        return (
+            "Download Liquid (`hf download Junfeng5/Liquid_V1_7B --local-dir PATH`) and Chameleon's VQGAN "
+            "(`hf download GAIR/Anole-7b-v0.1 tokenizer/vqgan.ckpt tokenizer/vqgan.yaml --local-dir anole`), convert "
+            "the VQGAN (`python -m swirl_vl.models.chameleon_vqgan anole/tokenizer/vqgan.ckpt "
+            "anole/tokenizer/vqgan.yaml PATH/vq`), or set build_tiny: true to write a tiny model there."
+        )
+
+    @override
+    def _build_tiny(self, folder: Path, seed: int, vq_path: str | None) -> None:
+        build_tiny_liquid(folder, seed=seed, vq_path=vq_path)
+
+    @override
+    def _vocabulary(self, num_codes: int, path: str) -> tuple[list[int], int, int]:
+        """Codes follow the text vocabulary (id = ``len(tokenizer) + k``); ``<boi>`` / ``<eoi>`` are text tokens."""
+        offset = len(self.tokenizer)
+        boi, eoi = self.tokenizer.convert_tokens_to_ids([LIQUID_BOI, LIQUID_EOI])
+        if None in (boi, eoi) or self.tokenizer.unk_token_id in (boi, eoi):
+            raise ValueError(f"the tokenizer at '{path}' lacks Liquid's '{LIQUID_BOI}' / '{LIQUID_EOI}' tokens")
+        return list(range(offset, offset + num_codes)), boi, eoi
+
+    @override
+    def _prompt_rows(self, x_tokens: list[list[int]], z: list[str]) -> list[list[int]]:
+        """``<bos> <boi> x <eoi> \\n {instruction} {z} <boi>``; the text after ``x`` is tokenized as one string, as
+        the paper's ``tokenizer_image_token`` does."""
+        tails = [f"{LIQUID_EOI}\n{self.instruction} {action}{LIQUID_BOI}" for action in z]
+        tail_ids = self.tokenizer(tails, add_special_tokens=False)["input_ids"]
+        return [[*self._bos, self.boi_id, *xt, *tail] for xt, tail in zip(x_tokens, tail_ids)]
+
+    @override
+    def sample(
+        self,
+        x: torch.Tensor,
+        z: list[str],
+        num_samples: int = 1,
+        greedy: bool = False,
+        temperature: float = 0.75,
+        top_p: float = 0.96,
+        top_k: int | None = 4096,
+    ) -> Rollout:
+        """As ``TokenFWM.sample``, with the paper's sampling for Liquid (temperature 0.75, top-p 0.96, top-k 4096)."""
+        return super().sample(x, z, num_samples, greedy, temperature, top_p, top_k)
+
+
+def build_liquid_tokenizer(vocab_size: int = 700) -> GemmaTokenizer:
+    """A tiny Gemma tokenizer (BPE with byte fallback, ``▁`` for spaces, as Gemma's) with Liquid's special tokens.
+
+    Deterministic: the same ``vocab_size`` gives the same vocabulary.
+    """
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", START_OF_TURN, END_OF_TURN]
+    specials += [LIQUID_BOI, LIQUID_EOI, UNCONDITIONAL]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]  # byte fallback: any string round-trips
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, show_progress=False)
+    tok.train_from_iterator(list(_SEED_CORPUS), trainer=trainer)
+    bpe = json.loads(tok.to_str())["model"]
+    tokenizer = GemmaTokenizer(vocab=bpe["vocab"], merges=[tuple(m) for m in bpe["merges"]], add_bos_token=True)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[5:]})  # already in the vocabulary
+    return tokenizer
+
+
+def build_tiny_liquid(path: str | Path, seed: int = 0, vq_path: str | Path | None = None) -> Path:
+    """Write a tiny, seeded Liquid folder at ``path``: ``GemmaForCausalLM`` + Gemma tokenizer + ``vq/``.
+
+    Vocabulary: the text tokenizer's, then one row per image code. LM: 4 layers of width 128, 4 query heads and
+    one key/value head (Gemma's multi-query attention). Built in a temporary sibling folder and renamed into
+    place (atomic; concurrent ranks building the same path are safe). Returns ``path``.
+    """
+    path = Path(path)
+    vq_source = Path(vq_path) if vq_path is not None else SHIPPED_SPRITE_VQ
+    num_codes = load_image_tokenizer(vq_source).num_codes
+    tokenizer = build_liquid_tokenizer()
+    config = GemmaConfig(
+        vocab_size=len(tokenizer) + num_codes,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GemmaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.copytree(vq_source, tmp / "vq")
+
+    return write_folder_atomically(path, write)

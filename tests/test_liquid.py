@@ -1,0 +1,134 @@
+"""Liquid as a token FWM: the published layout, the paper's prompt and sampling, and parity with its own loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GemmaForCausalLM
+
+from swirl_vl.models.liquid import LIQUID_BOI, LIQUID_EOI, LiquidFWM, build_tiny_liquid
+from tests.sprite_oracles import sprite_pairs
+
+ACTIONS = ["move the red square left", "remove the blue circle"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_liquid(tmp_path_factory.mktemp("liquid") / "liquid", seed=0)
+
+
+@pytest.fixture(scope="module")
+def fwm(folder: Path) -> LiquidFWM:
+    return LiquidFWM(str(folder), image_size=32).eval()
+
+
+def paper_prompt(tokenizer, codes: torch.Tensor, instruction: str, action: str) -> list[int]:
+    """The paper's ``tokenizer_image_token``: tokenize around ``<image>``, keep the first BOS, codes + offset."""
+    chunks = [tokenizer(c).input_ids for c in f"<boi><image><eoi>\n{instruction} {action}<boi>".split("<image>")]
+    offset = int(chunks[0][0] == tokenizer.bos_token_id)
+    image = (codes + len(tokenizer)).tolist()
+    return chunks[0] + image + chunks[1][offset:]
+
+
+def paper_generate(lm, prompt: list[int], text_vocab: int, length: int) -> list[int]:
+    """The paper's image loop, greedy: full logits each step (no cache), text tokens set to ``-inf``, argmax."""
+    ids = torch.tensor([prompt])
+    for _ in range(length):
+        logits = lm(input_ids=ids).logits[:, -1, :].float()
+        logits[:, :text_vocab] = float("-inf")
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+    return ids[0, len(prompt) :].tolist()
+
+
+def test_the_folder_is_liquids_published_layout(folder: Path, fwm: LiquidFWM) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert type(tokenizer).__name__ == "GemmaTokenizer"
+    assert isinstance(AutoModelForCausalLM.from_pretrained(folder), GemmaForCausalLM)
+    assert (folder / "vq" / "config.json").is_file()
+    # Codes sit right after the text vocabulary; <boi>/<eoi> are text tokens.
+    assert fwm.code_token_ids.tolist() == list(range(len(tokenizer), len(tokenizer) + fwm.vq.num_codes))
+    assert fwm.lm.config.vocab_size == len(tokenizer) + fwm.vq.num_codes
+    assert tokenizer.convert_ids_to_tokens([fwm.boi_id, fwm.eoi_id]) == [LIQUID_BOI, LIQUID_EOI]
+    assert not any(p.requires_grad for p in fwm.vq.parameters())
+
+
+def test_prompts_are_the_papers(fwm: LiquidFWM) -> None:
+    x, _, _ = sprite_pairs(2)
+    ids, mask = fwm.prompt_ids(x, ACTIONS)
+    codes = fwm.encode_images(x)
+    for row, row_mask, code, action in zip(ids, mask, codes, ACTIONS):
+        assert row[row_mask.bool()].tolist() == paper_prompt(fwm.tokenizer, code, fwm.instruction, action)
+
+
+def test_greedy_image_tokens_equal_the_papers_generation_loop(fwm: LiquidFWM) -> None:
+    """Token for token, each prompt alone and uncached in the reference, left-padded and cached in ours."""
+    x, _, _ = sprite_pairs(2)
+    L = fwm.num_image_tokens
+    ours = fwm.sample(x, ACTIONS, greedy=True).context["input_ids"][:, -L:].tolist()
+    for row, code, action in zip(ours, fwm.encode_images(x), ACTIONS):
+        prompt = paper_prompt(fwm.tokenizer, code, fwm.instruction, action)
+        assert row == paper_generate(fwm.lm, prompt, len(fwm.tokenizer), L)
+
+
+def test_sampled_image_tokens_equal_the_papers_sampler_under_one_seed(fwm: LiquidFWM) -> None:
+    """The paper's filtering order (temperature, text masked, top-k, top-p) draws the same tokens from one seed."""
+    sample = {"temperature": 0.75, "top_k": 12, "top_p": 0.96}
+    x, _, _ = sprite_pairs(2)
+    L = fwm.num_image_tokens
+    torch.manual_seed(7)
+    ours = fwm.sample(x, ACTIONS, **sample).context["input_ids"][:, -L:].tolist()
+    torch.manual_seed(7)
+    assert ours == _paper_generate_batch(fwm, fwm.encode_images(x), sample, L)
+
+
+def _paper_generate_batch(fwm: LiquidFWM, codes: torch.Tensor, sample: dict, length: int) -> list[list[int]]:
+    """The paper's sampler on a left-padded batch (uncached): logits / temperature, text masked, top-k, top-p on
+    the descending cumulative sum, one multinomial draw per row per step."""
+    prompts = [paper_prompt(fwm.tokenizer, c, fwm.instruction, a) for c, a in zip(codes, ACTIONS)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[fwm.tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    text_vocab = len(fwm.tokenizer)
+    for _ in range(length):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = fwm.lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1, :].float()
+        logits = logits / sample["temperature"]
+        logits[:, :text_vocab] = float("-inf")
+        kth = torch.topk(logits, sample["top_k"])[0][..., -1, None]
+        logits[logits < kth] = float("-inf")
+        sorted_logits, order = torch.sort(logits, descending=True)
+        remove = sorted_logits.softmax(-1).cumsum(-1) > sample["top_p"]
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits.scatter_(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+        token = torch.multinomial(logits.softmax(-1), 1)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids[:, width:].tolist()
+
+
+def test_log_likelihood_is_a_direct_forwards_mean_code_logprob(fwm: LiquidFWM) -> None:
+    x, y, z = sprite_pairs(2)
+    ids, mask = fwm.pair_ids(x, z, y)
+    L = fwm.num_image_tokens
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = fwm.lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -L - 1 : -1].float()
+    logp = logits[..., fwm.code_token_ids].log_softmax(-1)
+    direct = logp.gather(-1, (ids[:, -L:] - len(fwm.tokenizer)).unsqueeze(-1)).squeeze(-1).mean(-1)
+    torch.testing.assert_close(fwm.log_likelihood(x, z, y), direct, atol=1e-5, rtol=1e-5)
+
+
+def test_rollouts_score_as_sampled_and_save_round_trips(fwm: LiquidFWM, tmp_path: Path) -> None:
+    x, y, z = sprite_pairs(2)
+    rollout = fwm.sample(x, z, num_samples=3)
+    logp, mask = fwm.rollout_logprobs(rollout)
+    torch.testing.assert_close(logp, rollout.old_logprobs, atol=1e-5, rtol=1e-5)
+    fwm.save_pretrained(tmp_path / "saved")
+    loaded = LiquidFWM(str(tmp_path / "saved"), image_size=32).eval()
+    torch.testing.assert_close(loaded.log_likelihood(x, z, y), fwm.log_likelihood(x, z, y), atol=0, rtol=0)
+
+
+def test_a_missing_folder_names_the_downloads(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="Junfeng5/Liquid_V1_7B.*chameleon_vqgan"):
+        LiquidFWM(str(tmp_path / "nothing"))
