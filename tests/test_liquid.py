@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GemmaForCausalLM
 
-from swirl_vl.models.liquid import LIQUID_BOI, LIQUID_EOI, LiquidFWM, build_tiny_liquid
+from swirl_vl.models.liquid import LIQUID_BOI, LIQUID_EOI, LiquidFWM, LiquidIDM, build_tiny_liquid
 from tests.sprite_oracles import sprite_pairs
 
 ACTIONS = ["move the red square left", "remove the blue circle"]
@@ -132,3 +133,65 @@ def test_rollouts_score_as_sampled_and_save_round_trips(fwm: LiquidFWM, tmp_path
 def test_a_missing_folder_names_the_downloads(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="Junfeng5/Liquid_V1_7B.*chameleon_vqgan"):
         LiquidFWM(str(tmp_path / "nothing"))
+
+
+def paper_idm_prompt(tokenizer, x_codes: torch.Tensor, y_codes: torch.Tensor, instruction: str) -> list[int]:
+    """The paper's IDM prompt: Gemma's chat turn around ``<boi><image><eoi>`` × 2, split at ``<image>``."""
+    text = (
+        f"<start_of_turn>user\n<boi><image><eoi><boi><image><eoi>\n{instruction}<end_of_turn>\n<start_of_turn>model\n"
+    )
+    chunks = [tokenizer(c).input_ids for c in text.split("<image>")]
+    offset = int(chunks[0][0] == tokenizer.bos_token_id)
+    x, y = ((c + len(tokenizer)).tolist() for c in (x_codes, y_codes))
+    return chunks[0] + x + chunks[1][offset:] + y + chunks[2][offset:]
+
+
+@pytest.fixture(scope="module")
+def idm(folder: Path) -> LiquidIDM:
+    return LiquidIDM(str(folder), image_size=32).eval()
+
+
+def test_idm_prompts_are_the_papers_and_actions_end_with_end_of_turn(idm: LiquidIDM) -> None:
+    x, y, z = sprite_pairs(2)
+    ids, _ = idm.prompt_ids(x, y)
+    for row, xc, yc in zip(ids, idm.encode_images(x), idm.encode_images(y)):
+        assert row.tolist() == paper_idm_prompt(idm.tokenizer, xc, yc, idm.instruction)
+    assert idm.tokenizer.convert_ids_to_tokens(idm.eos_token_id) == "<end_of_turn>"
+    assert idm.tokenizer.eos_token_id in idm.stop_token_ids.tolist()
+    # log Q(z | x, y): the mean log-prob of z's tokens and <end_of_turn> under the text-only policy.
+    answer = idm.tokenizer(z[0], add_special_tokens=False).input_ids + [idm.eos_token_id]
+    full = torch.tensor([ids[0].tolist() + answer])
+    logits = idm.lm(input_ids=full).logits[0, -len(answer) - 1 : -1].float()
+    logits[:, idm.non_text] = float("-inf")
+    direct = logits.log_softmax(-1).gather(-1, torch.tensor(answer)[:, None]).mean()
+    torch.testing.assert_close(idm.log_likelihood(x[:1], y[:1], z[:1])[0], direct, atol=1e-5, rtol=1e-5)
+
+
+def test_idm_rollouts_score_as_sampled_and_one_liquid_serves_both_roles(fwm: LiquidFWM, idm: LiquidIDM) -> None:
+    x, y, _ = sprite_pairs(2)
+    rollout = idm.sample(x, y, num_samples=3, max_new_tokens=6)
+    logp, mask = idm.rollout_logprobs(rollout)
+    torch.testing.assert_close(logp[mask], rollout.old_logprobs[mask], atol=1e-5, rtol=1e-5)
+    shared = LiquidIDM.sharing(fwm, instruction="Which action?")
+    assert shared.lm is fwm.lm and shared.vq is fwm.vq and shared.instruction == "Which action?"
+    with pytest.raises(TypeError, match="LiquidFWM"):
+        LiquidIDM.sharing(object())  # type: ignore[arg-type]
+
+
+def test_the_all_liquid_config_runs_sft_both_phases_and_test(tmp_path: Path) -> None:
+    """``configs/sprites_liquid.yaml`` through the CLI on a tiny schedule; the saved FWM loads as a Gemma LM."""
+    from tests.test_cli import REPO, _run, _tiny_args
+
+    args = _tiny_args(tmp_path, tmp_path / "data", "--schedule.sft_steps", "2", "--schedule.iterations", "1")
+    args[1] = str(REPO / "configs" / "sprites_liquid.yaml")
+    args += ["--schedule.phase1_steps", "2", "--schedule.phase2_steps", "2"]
+    proc = _run(["fit", *args])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run = next((tmp_path / "runs" / "sprites_liquid").glob("version_*"))
+    phases = json.loads((run / "swirl_phases.json").read_text())
+    assert [p["stage"] for p in phases] == ["sft", "phase1", "phase2"]
+    saved = run / "pretrained"
+    assert isinstance(AutoModelForCausalLM.from_pretrained(saved / "iteration_1_phase1" / "fwm"), GemmaForCausalLM)
+    assert LiquidIDM(str(saved / "iteration_1_phase2" / "idm"), image_size=32).lm.config.model_type == "gemma"
+    proc = _run(["test", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert proc.returncode == 0, proc.stderr[-5000:]

@@ -30,10 +30,11 @@ from tokenizers import Tokenizer, models, normalizers, trainers
 from transformers import GemmaConfig, GemmaForCausalLM, GemmaTokenizer, GenerationConfig
 from typing_extensions import override
 
-from swirl_vl.models.base import Rollout, write_folder_atomically
+from swirl_vl.models.base import InverseDynamicsModel, Rollout, write_folder_atomically
 from swirl_vl.models.image_tokenizer import load_image_tokenizer
 from swirl_vl.models.text import _SEED_CORPUS
 from swirl_vl.models.token_fwm import TokenFWM
+from swirl_vl.models.token_idm import TokenIDM
 from swirl_vl.models.vq import SHIPPED_SPRITE_VQ
 
 LIQUID_BOI, LIQUID_EOI, UNCONDITIONAL = "<boi>", "<eoi>", "<unconditional>"
@@ -67,8 +68,8 @@ class LiquidFWM(TokenFWM):
         self.instruction = instruction
         super().__init__(path, build_tiny, seed, vq_path, image_size, gradient_checkpointing)
 
-    @override
-    def _download_hint(self) -> str:
+    @classmethod
+    def _download_hint(cls) -> str:
         return (
             "Download Liquid (`hf download Junfeng5/Liquid_V1_7B --local-dir PATH`) and Chameleon's VQGAN "
             "(`hf download GAIR/Anole-7b-v0.1 tokenizer/vqgan.ckpt tokenizer/vqgan.yaml --local-dir anole`), convert "
@@ -167,3 +168,72 @@ def build_tiny_liquid(path: str | Path, seed: int = 0, vq_path: str | Path | Non
         shutil.copytree(vq_source, tmp / "vq")
 
     return write_folder_atomically(path, write)
+
+
+IDM_INSTRUCTION = (
+    "Given two consecutive images, identify and briefly describe the action that most likely caused the change "
+    "from the first to the second. Use clear, concise natural language to explain the state transition."
+)
+
+
+class LiquidIDM(TokenIDM):
+    """``Q_φ(z | x, y)`` on a Liquid folder: the paper's image-to-text prompt, Gemma's chat turns.
+
+        <bos> <start_of_turn>user\\n <boi> x <eoi> <boi> y <eoi> \\n {instruction} <end_of_turn>\\n
+        <start_of_turn>model\\n   action <end_of_turn>
+
+    The pieces between the images are tokenized as the paper's ``tokenizer_image_token`` splits them; an action
+    ends with ``<end_of_turn>`` (sampling also stops at ``<eos>``). ``LiquidIDM.sharing(fwm)`` serves both roles
+    with one Liquid model, as the paper's all-Liquid setting does.
+    """
+
+    fwm_class = LiquidFWM
+
+    def __init__(
+        self,
+        path: str,
+        build_tiny: bool = False,
+        seed: int = 0,
+        vq_path: str | None = None,
+        image_size: int = 512,
+        instruction: str = IDM_INSTRUCTION,
+        max_new_tokens: int = 24,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        """
+        Args:
+            path: Liquid folder (as ``LiquidFWM``).
+            build_tiny: when ``path`` holds no model, write a tiny randomly initialised one there first.
+            seed: initialisation seed of the tiny model.
+            vq_path: image tokenizer folder; default ``<path>/vq``.
+            image_size: side in pixels the VQ sees (Liquid: 512).
+            instruction: the question after the two images (the first of the paper's ten).
+            max_new_tokens: default cap on the length of sampled actions, in tokens.
+            gradient_checkpointing: recompute the language model's activations in backward.
+        """
+        self.instruction = instruction
+        super().__init__(path, build_tiny, seed, vq_path, image_size, max_new_tokens, gradient_checkpointing)
+
+    @classmethod
+    def sharing(cls, fwm: TokenFWM, max_new_tokens: int = 24, instruction: str = IDM_INSTRUCTION) -> LiquidIDM:
+        """An IDM on ``fwm``'s own Liquid model, tokenizer and VQ (same tensors)."""
+        if not isinstance(fwm, LiquidFWM):
+            raise TypeError(f"LiquidIDM shares a LiquidFWM's model, not a {type(fwm).__name__}")
+        idm = cls.__new__(cls)
+        idm.instruction = instruction
+        InverseDynamicsModel.__init__(idm)
+        idm._adopt(fwm, max_new_tokens)
+        return idm
+
+    @override
+    def _answer_end_id(self) -> int | None:
+        return self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+
+    @override
+    def _prompt_pieces(self) -> tuple[list[int], list[int], list[int]]:
+        text = f"{START_OF_TURN}user\n{LIQUID_BOI}<image>{LIQUID_EOI}{LIQUID_BOI}<image>{LIQUID_EOI}\n"
+        text += f"{self.instruction}{END_OF_TURN}\n{START_OF_TURN}model\n"
+        before, between, after = (
+            self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in text.split("<image>")
+        )
+        return [*self._bos, *before], between, after

@@ -21,7 +21,9 @@ diffusers ``VQModel`` folder (the image tokenizer, frozen).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -95,7 +97,7 @@ class TokenFWM(ForwardWorldModel):
         folder = Path(path)
         if not (folder / "config.json").is_file():
             if not build_tiny:
-                raise missing_checkpoint_error(path, f"{type(self).__name__} checkpoint", self._download_hint())
+                raise self._missing(path)
             self._build_tiny(folder, seed=seed, vq_path=vq_path)
         self.image_size = image_size
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -126,7 +128,24 @@ class TokenFWM(ForwardWorldModel):
     # ---------------------------------------------------------------------------------------- the folder format
     # Overridden by each model family (``LiquidFWM``): where the image codes sit in the vocabulary, the prompt.
 
-    def _download_hint(self) -> str:
+    @classmethod
+    def preflight(cls, init_args: Mapping[str, Any], stage: str) -> list[str]:
+        """What ``cls(**init_args)`` would find missing, checked without loading anything (the CLI asks first): the
+        model folder (unless the tiny builder will write it) and a ``vq_path`` that is not a local folder."""
+        found = []
+        path, vq_path = Path(init_args["path"]), init_args.get("vq_path")
+        if not (path / "config.json").is_file() and not init_args.get("build_tiny"):
+            found.append(str(cls._missing(path)))
+        if vq_path is not None and not (Path(vq_path) / "config.json").is_file():
+            found.append(f"image tokenizer not found at vq_path '{vq_path}' (a local folder with config.json)")
+        return found
+
+    @classmethod
+    def _missing(cls, path: str | Path) -> FileNotFoundError:
+        return missing_checkpoint_error(path, f"{cls.__name__} checkpoint", cls._download_hint())
+
+    @classmethod
+    def _download_hint(cls) -> str:
         return (
             "Download a causal LM whose vocabulary holds the image-code tokens "
             f"'{image_token(0)}'… plus '{BOI}'/'{EOI}', with its image tokenizer in a 'vq/' subfolder, "

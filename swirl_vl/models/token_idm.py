@@ -15,7 +15,9 @@ goes through ``_completion_logprobs``, so the GRPO ratio is exactly 1 before an 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,9 +54,24 @@ class TokenIDM(InverseDynamicsModel):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        # TokenFWM owns the folder format: loading, the tiny builder and the checks of the image-token vocabulary.
-        fwm = TokenFWM(path, build_tiny, seed, vq_path, image_size, gradient_checkpointing)
+        # The FWM class owns the folder format: loading, the tiny builder and the checks of the image-token vocabulary.
+        fwm = self.fwm_class(
+            path,
+            build_tiny=build_tiny,
+            seed=seed,
+            vq_path=vq_path,
+            image_size=image_size,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         self._adopt(fwm, max_new_tokens)
+
+    fwm_class: type[TokenFWM] = TokenFWM
+    """The world model whose folder format, tokenizer and image codes this IDM reads."""
+
+    @classmethod
+    def preflight(cls, init_args: Mapping[str, Any], stage: str) -> list[str]:
+        """The folder checks of ``fwm_class`` (the same folder format)."""
+        return cls.fwm_class.preflight(init_args, stage)
 
     @classmethod
     def sharing(cls, fwm: TokenFWM, max_new_tokens: int = 24) -> TokenIDM:
@@ -71,13 +88,15 @@ class TokenIDM(InverseDynamicsModel):
         self.image_size, self.grid, self.num_image_tokens = fwm.image_size, fwm.grid, fwm.num_image_tokens
         self.max_new_tokens = max_new_tokens
         self._bos, self.boi_id, self.eoi_id, self.pad_id = fwm._bos, fwm.boi_id, fwm.eoi_id, fwm.pad_id
-        self.eos_token_id: int | None = self.tokenizer.eos_token_id
+        self.eos_token_id: int | None = self._answer_end_id()
         if self.eos_token_id is None:
-            raise ValueError("TokenIDM needs a tokenizer with an end-of-sequence token to end actions")
+            raise ValueError(f"{type(self).__name__} needs a tokenizer with an end-of-sequence token to end actions")
         self.register_buffer("code_token_ids", fwm.code_token_ids, persistent=False)
         gen_eos = self.lm.generation_config.eos_token_id
         gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
-        self.register_buffer("stop_token_ids", torch.tensor(sorted({self.eos_token_id, *gen_eos})), persistent=False)
+        stops = {self.eos_token_id, self.tokenizer.eos_token_id, *gen_eos} - {None}
+        self.register_buffer("stop_token_ids", torch.tensor(sorted(stops)), persistent=False)
+        self._pieces = self._prompt_pieces()
         # Everything that is not text: image codes, image brackets and a padded head's rows beyond the tokenizer.
         vocab = len(fwm.token_to_code)
         non_text = (fwm.token_to_code >= 0).clone()
@@ -108,18 +127,28 @@ class TokenIDM(InverseDynamicsModel):
 
     # ---------------------------------------------------------------------------------------- sequences
 
+    # The folder format's prompt (overridden by each model family, e.g. ``LiquidIDM``).
+
+    def _answer_end_id(self) -> int | None:
+        """The token that ends an action (scored, and a stop token of sampling)."""
+        return self.tokenizer.eos_token_id
+
+    def _prompt_pieces(self) -> tuple[list[int], list[int], list[int]]:
+        """Token ids before ``x``'s codes, between ``x``'s and ``y``'s, and after ``y``'s."""
+        return [*self._bos, self.boi_id], [self.eoi_id, self.boi_id], [self.eoi_id]
+
     def prompt_ids(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Prompts ``<bos> <boi> x <eoi> <boi> y <eoi>``: ids and attention mask, both ``(B, P)`` (no padding)."""
+        """Prompts ``before x between y after`` (``_prompt_pieces``; here ``<bos> <boi> x <eoi> <boi> y <eoi>``):
+        ids and attention mask, both ``(B, P)`` (every prompt has the same length: no padding)."""
         assert x.shape == y.shape and x.ndim == 4, (x.shape, y.shape)
         codes = self.code_token_ids[self.encode_images(torch.cat([x, y]))]  # (2B, L)
         x_tokens, y_tokens = codes.chunk(2)
 
-        def column(token_id: int) -> Tensor:
-            return torch.full((x.shape[0], 1), token_id, dtype=torch.long, device=self.device)
+        def columns(token_ids: list[int]) -> Tensor:
+            return torch.tensor(token_ids, dtype=torch.long, device=self.device).expand(x.shape[0], -1)
 
-        bos = [column(i) for i in self._bos]
-        boi, eoi = column(self.boi_id), column(self.eoi_id)
-        ids = torch.cat([*bos, boi, x_tokens, eoi, boi, y_tokens, eoi], 1)
+        before, between, after = map(columns, self._pieces)
+        ids = torch.cat([before, x_tokens, between, y_tokens, after], 1)
         return ids, torch.ones_like(ids)
 
     def _completion_logprobs(

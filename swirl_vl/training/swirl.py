@@ -186,7 +186,8 @@ class SwirlModule(LightningModule):
                     "--model.init_args.shared_base needs --model.init_args.lora, a TokenFWM FWM and a TokenIDM IDM; got "
                     f"lora={lora}, {type(fwm.model).__name__}, {type(idm.model).__name__}"
                 )
-            idm.model = TokenIDM.sharing(fwm.model, idm.model.max_new_tokens)
+            settings = {"instruction": idm.model.instruction} if hasattr(idm.model, "instruction") else {}
+            idm.model = type(idm.model).sharing(fwm.model, idm.model.max_new_tokens, **settings)
         # What each backend itself leaves trainable (not its VQ, say), before LoRA freezes the bases.
         self._trainable: dict[str, list[nn.Parameter]] = {
             name: [p for p in m.model.parameters() if p.requires_grad] for name, m in (("fwm", fwm), ("idm", idm))
