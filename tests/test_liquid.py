@@ -84,17 +84,35 @@ def test_sampled_image_tokens_equal_the_papers_sampler_under_one_seed(fwm: Liqui
     assert ours == _paper_generate_batch(fwm, fwm.encode_images(x), sample, L)
 
 
-def _paper_generate_batch(fwm: LiquidFWM, codes: torch.Tensor, sample: dict, length: int) -> list[list[int]]:
-    """The paper's sampler on a left-padded batch (uncached): logits / temperature, text masked, top-k, top-p on
-    the descending cumulative sum, one multinomial draw per row per step."""
-    prompts = [paper_prompt(fwm.tokenizer, c, fwm.instruction, a) for c, a in zip(codes, ACTIONS)]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[fwm.tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    text_vocab = len(fwm.tokenizer)
+def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+
+
+def _next_logits(lm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1, :].float()
+
+
+def _paper_generate_batch(
+    fwm: LiquidFWM, codes: torch.Tensor, sample: dict, length: int, cfg_scale: float = 1.0
+) -> list[list[int]]:
+    """The paper's sampler on a left-padded batch (uncached): with ``cfg_scale > 1`` the logits are
+    ``uncond + (cond - uncond) * cfg_scale`` against ``<boi> x <eoi>\\n<unconditional><boi>``, both branches fed
+    the sampled token; then logits / temperature, text masked, top-k, top-p on the descending cumulative sum, one
+    multinomial draw per row per step."""
+    pad = fwm.tokenizer.pad_token_id
+    ids, mask = _left_padded([paper_prompt(fwm.tokenizer, c, fwm.instruction, a) for c, a in zip(codes, ACTIONS)], pad)
+    chunks = [fwm.tokenizer(c).input_ids for c in "<boi><image><eoi>\n<unconditional><boi>".split("<image>")]
+    u_rows = [chunks[0] + (c + len(fwm.tokenizer)).tolist() + chunks[1][1:] for c in codes]
+    u_ids, u_mask = _left_padded(u_rows, pad)
+    width, text_vocab = ids.shape[1], len(fwm.tokenizer)
     for _ in range(length):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = fwm.lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1, :].float()
+        logits = _next_logits(fwm.lm, ids, mask)
+        if cfg_scale > 1:
+            uncond = _next_logits(fwm.lm, u_ids, u_mask)
+            logits = uncond + (logits - uncond) * cfg_scale
         logits = logits / sample["temperature"]
         logits[:, :text_vocab] = float("-inf")
         kth = torch.topk(logits, sample["top_k"])[0][..., -1, None]
@@ -106,7 +124,27 @@ def _paper_generate_batch(fwm: LiquidFWM, codes: torch.Tensor, sample: dict, len
         logits.scatter_(1, order, sorted_logits.masked_fill(remove, float("-inf")))
         token = torch.multinomial(logits.softmax(-1), 1)
         ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+        u_ids, u_mask = torch.cat([u_ids, token], 1), torch.cat([u_mask, torch.ones_like(token)], 1)
     return ids[:, width:].tolist()
+
+
+def test_guided_sampling_equals_the_papers_cfg_loop_and_scores_as_sampled(folder: Path) -> None:
+    guided = LiquidFWM(str(folder), image_size=32, guidance_scale=3.0).eval()
+    sample = {"temperature": 0.75, "top_k": 12, "top_p": 0.96}
+    x, _, _ = sprite_pairs(2)
+    L = guided.num_image_tokens
+    torch.manual_seed(3)
+    rollout = guided.sample(x, ACTIONS, **sample)
+    torch.manual_seed(3)
+    assert rollout.context["input_ids"][:, -L:].tolist() == _paper_generate_batch(
+        guided, guided.encode_images(x), sample, L, 3.0
+    )
+    # GRPO scores the guided policy it sampled, in groups (one prompt pass per group and branch).
+    rollout = guided.sample(x, ACTIONS, num_samples=3)
+    logp, _ = guided.rollout_logprobs(rollout)
+    torch.testing.assert_close(logp, rollout.old_logprobs, atol=1e-5, rtol=1e-5)
+    unguided = LiquidFWM(str(folder), image_size=32).eval()
+    assert not torch.allclose(unguided.rollout_logprobs(rollout)[0], logp, atol=1e-3)
 
 
 def test_log_likelihood_is_a_direct_forwards_mean_code_logprob(fwm: LiquidFWM) -> None:

@@ -55,6 +55,37 @@ def prefill_once(model: nn.Module, prompt: Mapping[str, Tensor], positions: Tens
     return head
 
 
+class LogitGuidance(LogitsProcessor):
+    """Classifier-free guidance on the logits, as Liquid samples: ``u + scale · (c − u)``, ``c`` the scores of the
+    conditional prompts, ``u`` the next-token logits of the unconditional ones.
+
+    The ``B`` unconditional prompts (left-padded) are prefilled once and their KV cache repeated ``group_size``
+    times (the ``B * G`` rows of ``generate_groups``); each step then feeds them the token just sampled, so both
+    branches see the same image so far. List it first in ``logits_processor``, before any restriction.
+    """
+
+    def __init__(self, model: nn.Module, unconditional: Mapping[str, Tensor], scale: float, group_size: int = 1):
+        self.model, self.scale = model, scale
+        mask = unconditional["attention_mask"]
+        head = prefill_once(model, unconditional, left_pad_positions(mask), group_size)
+        self.mask = mask.repeat_interleave(group_size, 0)
+        self.cache, self._next = head.cache, head.logits[:, -1].repeat_interleave(group_size, 0)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self._next is None:  # after the first step: run the token sampled at the last one
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
+            out = self.model(
+                input_ids=input_ids[:, -1:],
+                attention_mask=self.mask,
+                position_ids=self.mask.sum(-1, keepdim=True) - 1,
+                cache=self.cache,
+                use_cache=True,
+            )
+            self.cache, self._next = out.cache, out.logits[:, -1]
+        unconditional, self._next = self._next.to(scores.dtype), None
+        return unconditional + self.scale * (scores - unconditional)
+
+
 def generate_groups(
     model: nn.Module, inputs: Mapping[str, Tensor], group_size: int, share_prefill: bool = True, **generate_kwargs: Any
 ) -> Tensor:

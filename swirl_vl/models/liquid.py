@@ -53,6 +53,7 @@ class LiquidFWM(TokenFWM):
         vq_path: str | None = None,
         image_size: int = 512,
         instruction: str = FWM_INSTRUCTION,
+        guidance_scale: float = 1.0,
         gradient_checkpointing: bool = False,
     ) -> None:
         """
@@ -63,9 +64,13 @@ class LiquidFWM(TokenFWM):
             vq_path: image tokenizer folder (Chameleon's VQGAN as a diffusers ``VQModel``); default ``<path>/vq``.
             image_size: side in pixels the VQ sees (Liquid: 512, so 32 × 32 = 1,024 codes); inputs are resized.
             instruction: the editing instruction put before the action (the first of the paper's ten).
+            guidance_scale: classifier-free guidance on the logits when sampling, against the prompt
+                ``<boi> x <eoi> \\n <unconditional> <boi>`` (the paper's code: ``cfg_scale``); 1 samples unguided.
+                GRPO then scores the guided policy it sampled; likelihoods (SFT, the Phase II reward) stay unguided.
             gradient_checkpointing: recompute the language model's activations in backward.
         """
         self.instruction = instruction
+        self.guidance_scale = guidance_scale
         super().__init__(path, build_tiny, seed, vq_path, image_size, gradient_checkpointing)
 
     @classmethod
@@ -97,6 +102,12 @@ class LiquidFWM(TokenFWM):
         tails = [f"{LIQUID_EOI}\n{self.instruction} {action}{LIQUID_BOI}" for action in z]
         tail_ids = self.tokenizer(tails, add_special_tokens=False)["input_ids"]
         return [[*self._bos, self.boi_id, *xt, *tail] for xt, tail in zip(x_tokens, tail_ids)]
+
+    @override
+    def _unconditional_rows(self, x_tokens: list[list[int]]) -> list[list[int]]:
+        """``<bos> <boi> x <eoi> \\n <unconditional> <boi>``, as the paper's code guides edits."""
+        tail = self.tokenizer(f"{LIQUID_EOI}\n{UNCONDITIONAL}{LIQUID_BOI}", add_special_tokens=False)["input_ids"]
+        return [[*self._bos, self.boi_id, *xt, *tail] for xt in x_tokens]
 
     @override
     def sample(

@@ -45,7 +45,7 @@ from swirl_vl.models.base import (
     missing_checkpoint_error,
     write_folder_atomically,
 )
-from swirl_vl.models.generation import RecordLogprobs, generate_groups, tail_logits
+from swirl_vl.models.generation import LogitGuidance, RecordLogprobs, generate_groups, tail_logits
 from swirl_vl.models.image_tokenizer import load_image_tokenizer, resize_square
 from swirl_vl.models.text import build_text_tokenizer
 from swirl_vl.models.vq import SHIPPED_SPRITE_VQ
@@ -165,6 +165,13 @@ class TokenFWM(ForwardWorldModel):
             )
         return ids[:-2], ids[-2], ids[-1]
 
+    guidance_scale: float = 1.0
+    """Classifier-free guidance on the logits when sampling (1: none); families with an unconditional prompt
+    (``_unconditional_rows``) take it as an argument."""
+
+    def _unconditional_rows(self, x_tokens: list[list[int]]) -> list[list[int]]:
+        raise NotImplementedError(f"{type(self).__name__} has no unconditional prompt: keep guidance_scale 1")
+
     def _prompt_rows(self, x_tokens: list[list[int]], z: list[str]) -> list[list[int]]:
         """Token ids of each prompt, ending with begin-image (``y``'s codes follow): ``<bos> z <boi> x <eoi> <boi>``."""
         texts = self.tokenizer(list(z), add_special_tokens=False)["input_ids"]
@@ -196,7 +203,13 @@ class TokenFWM(ForwardWorldModel):
         """Left-padded prompts (``_prompt_rows``): ids and attention mask, both ``(B, T)``."""
         if len(z) != x.shape[0]:
             raise ValueError(f"{x.shape[0]} images but {len(z)} actions")
-        rows = self._prompt_rows(self.code_token_ids[self.encode_images(x, group_size)].tolist(), z)
+        return self._left_padded(self._prompt_rows(self.code_token_ids[self.encode_images(x, group_size)].tolist(), z))
+
+    def unconditional_prompt_ids(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Left-padded prompts without the action (``_unconditional_rows``), for classifier-free guidance."""
+        return self._left_padded(self._unconditional_rows(self.code_token_ids[self.encode_images(x)].tolist()))
+
+    def _left_padded(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -212,17 +225,28 @@ class TokenFWM(ForwardWorldModel):
         return torch.cat([ids, y_tokens], 1), torch.cat([mask, torch.ones_like(y_tokens)], 1)
 
     def code_logprobs(
-        self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0, group_size: int = 1
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        temperature: float = 1.0,
+        group_size: int = 1,
+        unconditional: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """``(N, L)`` log-probs, under the policy restricted to image codes, of the last ``L`` tokens of each row.
 
         ``temperature``: the logits are divided by it first (a rollout's sampling temperature; 1 for likelihoods).
         ``group_size``: rows come in groups that share their prompt (a rollout); it then runs once per group.
+        ``unconditional``: the same tails after the unconditional prompts: the logits are then guided,
+        ``u + guidance_scale · (c − u)``, as ``sample`` drew them.
         """
         L = self.num_image_tokens
         # Only the tail is scored (a real model's 200k-word head stays cheap), at the positions generate() uses.
         logits = tail_logits(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask}, L, group_size)
-        logits = logits[..., self.code_token_ids].float() / temperature  # (N, L, K): t predicts t + 1
+        logits = logits[..., self.code_token_ids].float()  # (N, L, K): t predicts t + 1
+        if unconditional is not None:
+            u = tail_logits(self.lm, unconditional, L, group_size)[..., self.code_token_ids].float()
+            logits = u + self.guidance_scale * (logits - u)
+        logits = logits / temperature
         targets = self.token_to_code[input_ids[:, -L:]]  # (N, L)
         return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
@@ -268,17 +292,28 @@ class TokenFWM(ForwardWorldModel):
         )
         scored_temperature = 1.0 if greedy else temperature
         recorder = RecordLogprobs(scored_temperature)  # after the restriction: log-probs over the image codes
+        processors = [RestrictToImageTokens(self.code_token_ids), recorder]
+        if self.guidance_scale != 1:
+            u_ids, u_mask = self.unconditional_prompt_ids(x)
+            unconditional = {"input_ids": u_ids, "attention_mask": u_mask}
+            processors.insert(0, LogitGuidance(self.lm, unconditional, self.guidance_scale, num_samples))
         sequences = generate_groups(
             self.lm,
             {"input_ids": ids, "attention_mask": mask},
             num_samples,
             generation_config=config,
-            logits_processor=LogitsProcessorList([RestrictToImageTokens(self.code_token_ids), recorder]),
+            logits_processor=LogitsProcessorList(processors),
         )  # (N, T + L)
         mask = mask.repeat_interleave(num_samples, 0)
         full_mask = torch.cat([mask, torch.ones_like(mask[:, :L])], 1)
         images = self.decode_codes(self.token_to_code[sequences[:, -L:]])
         context = {"input_ids": sequences, "attention_mask": full_mask}
+        if self.guidance_scale != 1:  # the unconditional prompts followed by the same sampled codes
+            u_mask = u_mask.repeat_interleave(num_samples, 0)
+            context["unconditional_input_ids"] = torch.cat(
+                [u_ids.repeat_interleave(num_samples, 0), sequences[:, -L:]], 1
+            )
+            context["unconditional_attention_mask"] = torch.cat([u_mask, torch.ones_like(u_mask[:, :L])], 1)
         # The sampler's own log-probs, recorded during generate (no second forward pass).
         old_logprobs = recorder.finish(sequences)
         return Rollout(
@@ -294,7 +329,15 @@ class TokenFWM(ForwardWorldModel):
     def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """Log-probs ``(N, L)`` of the rollout's code tokens under the current weights (with grad), and the mask."""
         ctx = rollout.context
-        logp = self.code_logprobs(ctx["input_ids"], ctx["attention_mask"], rollout.temperature, rollout.group_size)
+        unconditional = None
+        if "unconditional_input_ids" in ctx:
+            unconditional = {
+                "input_ids": ctx["unconditional_input_ids"],
+                "attention_mask": ctx["unconditional_attention_mask"],
+            }
+        logp = self.code_logprobs(
+            ctx["input_ids"], ctx["attention_mask"], rollout.temperature, rollout.group_size, unconditional
+        )
         return logp, rollout.mask
 
     @override
