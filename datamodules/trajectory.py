@@ -32,8 +32,24 @@ from .sprites import write_sprite_splits
 
 Pair = dict[str, Any]
 SPLITS = ("labelled", "unlabelled", "val", "test")
-STAGE_SPLITS = {"fit": ("labelled", "unlabelled", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-"""The splits each Trainer stage reads (``predict`` writes out the test split's pairs)."""
+STAGE_SPLITS = {
+    "fit": ("labelled", "unlabelled", "val", "test"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("test",),
+}
+"""The splits each Trainer stage reads (``fit`` evaluates on the test split at every stage boundary; ``predict``
+writes out the test split's pairs)."""
+
+_SPLIT_SOURCES = {
+    "labelled": (
+        "labelled training pairs of your own, e.g. `python -m datamodules.convert aurora --root DIR --json "
+        "TRAIN.json --out {out}` (never the benchmark's test.json)"
+    ),
+    "unlabelled": "state-only pairs, e.g. `python -m datamodules.convert video --src VIDEOS --out {out}`",
+    "val": "held-out pairs, e.g. `python -m datamodules.convert aurora --root AURORA --json AURORA/test.json --out {out}`",
+    "test": "the benchmark, e.g. `python -m datamodules.convert aurora --root AURORA --json AURORA/test.json --out {out}`",
+}
 
 
 def expand_pairs(traj: DecodedTrajectory, with_actions: bool, tasks: Iterable[str] | None = None) -> Iterator[Pair]:
@@ -221,10 +237,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         if not found:
             out = _glob_free_prefix(full)
             raise FileNotFoundError(
-                f"split '{split}': pattern {full!r} matches no shard. Write shards to {out}, e.g. "
-                f"`python -m datamodules.convert aurora --root DIR --json DIR/test.json --out {out}` (Aurora-Bench "
-                f"layout), or `python -m datamodules.sprites --out {self.root}` (synthetic sprite world), "
-                f"or point --data.{split} at existing .tar files."
+                f"split '{split}': pattern {full!r} matches no shard. Write {_SPLIT_SOURCES[split].format(out=out)}, "
+                f"or point --data.init_args.{split} at existing .tar files."
             )
         return found
 

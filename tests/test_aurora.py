@@ -47,8 +47,12 @@ def test_real_config_fails_fast_with_what_to_download_and_convert(tmp_path: Path
     assert "missing inputs, nothing was run" in err and "Traceback" not in err, err[-3000:]
     assert "hf download timbrooks/instruct-pix2pix --local-dir checkpoints/instruct-pix2pix" in err
     assert "hf download Qwen/Qwen2.5-VL-3B-Instruct --local-dir checkpoints/Qwen2.5-VL-3B-Instruct" in err
-    for out in ("data/aurora/labelled", "data/aurora/unlabelled", "data/aurora/test"):
-        assert f"python -m datamodules.convert aurora --root DIR --json DIR/test.json --out {out}`" in err, out
+    assert "--json TRAIN.json --out data/aurora/labelled` (never the benchmark's test.json)" in err
+    assert "datamodules.convert video --src VIDEOS --out data/aurora/unlabelled`" in err
+    assert "--json AURORA/test.json --out data/aurora/test`" in err
+    assert "datamodules.sprites" not in err, "a real config is never pointed at the synthetic world"
+    for split in ("labelled", "unlabelled", "val", "test"):  # fit evaluates on the test split at each boundary
+        assert f"split '{split}': pattern" in err, split
     assert seconds < 60, f"took {seconds:.0f} s: something heavy ran before the check"
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing may be written before the check"
 

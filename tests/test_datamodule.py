@@ -82,7 +82,7 @@ def test_task_filter(root: Path) -> None:
 
 
 def test_missing_split_is_a_clear_error(root: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"'labelled'.*nothing/\*\.tar.*datamodules\.sprites"):
+    with pytest.raises(FileNotFoundError, match=r"'labelled'.*nothing/\*\.tar.*--json TRAIN\.json"):
         TrajectoryDataModule(str(root), labelled="nothing/*.tar").setup("fit")
     with pytest.raises(FileNotFoundError, match="datamodules.convert"):
         TrajectoryDataModule(str(tmp_path)).val_dataloader()
