@@ -133,6 +133,11 @@ def test_prompt_setting_changes_scores(tiny_path: Path, pairs) -> None:
     default = VLMIDM.from_pretrained(tiny_path).log_likelihood(x, y, z)
     other = VLMIDM.from_pretrained(tiny_path, prompt="Name the edit.").log_likelihood(x, y, z)
     assert not torch.allclose(default, other)
+    # A save_pretrained folder keeps its prompt: reloaded without one, it scores as it was trained.
+    VLMIDM.from_pretrained(tiny_path, prompt="Name the edit.").save_pretrained(tiny_path.parent / "named")
+    reloaded = VLMIDM.from_pretrained(tiny_path.parent / "named")
+    assert reloaded.prompt == "Name the edit."
+    torch.testing.assert_close(reloaded.log_likelihood(x, y, z), other, rtol=0, atol=0)
 
 
 def test_save_pretrained_round_trip(idm: VLMIDM, pairs, tmp_path: Path) -> None:

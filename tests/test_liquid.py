@@ -164,8 +164,13 @@ def test_rollouts_score_as_sampled_and_save_round_trips(fwm: LiquidFWM, tmp_path
     logp, mask = fwm.rollout_logprobs(rollout)
     torch.testing.assert_close(logp, rollout.old_logprobs, atol=1e-5, rtol=1e-5)
     fwm.save_pretrained(tmp_path / "saved")
-    loaded = LiquidFWM(str(tmp_path / "saved"), image_size=32).eval()
+    loaded = LiquidFWM.from_pretrained(tmp_path / "saved").eval()  # the image size and instruction come along
+    assert (loaded.image_size, loaded.instruction) == (32, fwm.instruction)
     torch.testing.assert_close(loaded.log_likelihood(x, z, y), fwm.log_likelihood(x, z, y), atol=0, rtol=0)
+    idm = LiquidIDM(str(tmp_path / "saved"), image_size=32, instruction="Which action?")
+    idm.save_pretrained(tmp_path / "idm")
+    reloaded = LiquidIDM(str(tmp_path / "idm"))
+    assert (reloaded.image_size, reloaded.instruction) == (32, "Which action?")
 
 
 def test_a_missing_folder_names_the_downloads(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ Conventions (README, "Layout"):
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -220,3 +222,30 @@ def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+SETTINGS_FILE = "swirl_vl.json"
+"""Written by ``save_pretrained`` beside the library's own files: the backend settings reloading needs (an IDM's
+prompt, the image size a token model was trained at), which the library's config does not hold."""
+
+
+def saved_settings(folder: str | Path) -> dict[str, Any]:
+    """The settings a ``save_pretrained`` folder was written with; ``{}`` for a folder from elsewhere."""
+    file = Path(folder) / SETTINGS_FILE
+    if not file.is_file():
+        return {}
+    try:
+        settings = json.loads(file.read_text())
+    except ValueError as exn:
+        raise ValueError(f"'{file}' is not valid JSON ({exn}): delete it to load the folder with defaults") from exn
+    if not isinstance(settings, dict):
+        raise ValueError(f"'{file}' must hold a JSON object")
+    return settings
+
+
+def write_settings(folder: str | Path, settings: dict[str, Any]) -> None:
+    """Write ``settings`` to ``folder/swirl_vl.json`` (a temporary name, then a rename)."""
+    file = Path(folder) / SETTINGS_FILE
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    os.replace(tmp, file)

@@ -20,7 +20,9 @@ from swirl_vl.models.base import (
     Rollout,
     enable_gradient_checkpointing,
     missing_checkpoint_error,
+    saved_settings,
     write_folder_atomically,
+    write_settings,
 )
 from swirl_vl.models.generation import RecordLogprobs, generate_groups, tail_logits
 from swirl_vl.models.tiny_vlm import build_tiny_llava, build_tiny_qwen2_5_vl
@@ -31,6 +33,9 @@ _TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
 """Per-token processor outputs besides ids and mask that a completion must extend (text tokens are type 0)."""
 
 
+DEFAULT_PROMPT = "Which action turns the first image into the second?"
+
+
 class VLMIDM(InverseDynamicsModel):
     """An ``AutoModelForImageTextToText`` + ``AutoProcessor`` folder used as the IDM.
 
@@ -38,7 +43,8 @@ class VLMIDM(InverseDynamicsModel):
         path: model folder in the Hugging Face format (e.g. a downloaded ``Qwen/Qwen2.5-VL-3B-Instruct``).
         build_tiny: if ``path`` does not exist, build a tiny random model of this architecture there first.
         seed: initialisation seed of the tiny model.
-        prompt: user text that follows the two images.
+        prompt: user text that follows the two images; None: the one a ``save_pretrained`` folder was trained
+            with, else ``DEFAULT_PROMPT``.
         max_new_tokens: default cap on the length of sampled actions, in tokens.
         image_size: side of the square images the tiny model is built for, in pixels.
         gradient_checkpointing: recompute the model's activations in backward (less memory, more compute; rollouts
@@ -50,7 +56,7 @@ class VLMIDM(InverseDynamicsModel):
         path: str,
         build_tiny: Literal["llava", "qwen2_5_vl"] | None = None,
         seed: int = 0,
-        prompt: str = "Which action turns the first image into the second?",
+        prompt: str | None = None,
         max_new_tokens: int = 24,
         image_size: int = 32,
         gradient_checkpointing: bool = False,
@@ -65,7 +71,7 @@ class VLMIDM(InverseDynamicsModel):
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.processor = AutoProcessor.from_pretrained(folder)
-        self.prompt = prompt
+        self.prompt = prompt if prompt is not None else saved_settings(folder).get("prompt", DEFAULT_PROMPT)
         self.max_new_tokens = max_new_tokens
         self.image_size = image_size
 
@@ -98,6 +104,7 @@ class VLMIDM(InverseDynamicsModel):
     def save_pretrained(self, path: str | Path) -> None:
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
+        write_settings(path, {"prompt": self.prompt})
 
     @property
     def device(self) -> torch.device:

@@ -24,13 +24,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, trainers
 from transformers import GemmaConfig, GemmaForCausalLM, GemmaTokenizer, GenerationConfig
 from typing_extensions import override
 
-from swirl_vl.models.base import InverseDynamicsModel, Rollout, write_folder_atomically
+from swirl_vl.models.base import InverseDynamicsModel, Rollout, saved_settings, write_folder_atomically
 from swirl_vl.models.image_tokenizer import load_image_tokenizer
 from swirl_vl.models.text import _SEED_CORPUS
 from swirl_vl.models.token_fwm import TokenFWM
@@ -51,8 +52,8 @@ class LiquidFWM(TokenFWM):
         build_tiny: bool = False,
         seed: int = 0,
         vq_path: str | None = None,
-        image_size: int = 512,
-        instruction: str = FWM_INSTRUCTION,
+        image_size: int | None = None,
+        instruction: str | None = None,
         guidance_scale: float = 1.0,
         gradient_checkpointing: bool = False,
     ) -> None:
@@ -63,15 +64,24 @@ class LiquidFWM(TokenFWM):
             seed: initialisation seed of the tiny model.
             vq_path: image tokenizer folder (Chameleon's VQGAN as a diffusers ``VQModel``); default ``<path>/vq``.
             image_size: side in pixels the VQ sees (Liquid: 512, so 32 × 32 = 1,024 codes); inputs are resized.
-            instruction: the editing instruction put before the action (the first of the paper's ten).
+                None: the size a ``save_pretrained`` folder was trained at, else 512.
+            instruction: the editing instruction put before the action; None: a saved folder's, else the first of
+                the paper's ten.
             guidance_scale: classifier-free guidance on the logits when sampling, against the prompt
                 ``<boi> x <eoi> \\n <unconditional> <boi>`` (the paper's code: ``cfg_scale``); 1 samples unguided.
                 GRPO then scores the guided policy it sampled; likelihoods (SFT, the Phase II reward) stay unguided.
             gradient_checkpointing: recompute the language model's activations in backward.
         """
-        self.instruction = instruction
+        saved = saved_settings(path)
+        self.instruction = instruction if instruction is not None else saved.get("edit_instruction", FWM_INSTRUCTION)
         self.guidance_scale = guidance_scale
         super().__init__(path, build_tiny, seed, vq_path, image_size, gradient_checkpointing)
+
+    default_image_size = 512
+
+    @override
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "edit_instruction": self.instruction}
 
     @classmethod
     def _download_hint(cls) -> str:
@@ -206,8 +216,8 @@ class LiquidIDM(TokenIDM):
         build_tiny: bool = False,
         seed: int = 0,
         vq_path: str | None = None,
-        image_size: int = 512,
-        instruction: str = IDM_INSTRUCTION,
+        image_size: int | None = None,
+        instruction: str | None = None,
         max_new_tokens: int = 24,
         gradient_checkpointing: bool = False,
     ) -> None:
@@ -217,13 +227,18 @@ class LiquidIDM(TokenIDM):
             build_tiny: when ``path`` holds no model, write a tiny randomly initialised one there first.
             seed: initialisation seed of the tiny model.
             vq_path: image tokenizer folder; default ``<path>/vq``.
-            image_size: side in pixels the VQ sees (Liquid: 512).
-            instruction: the question after the two images (the first of the paper's ten).
+            image_size: side in pixels the VQ sees (None: a saved folder's, else Liquid's 512).
+            instruction: the question after the two images; None: a saved folder's, else the first of the paper's
+                ten.
             max_new_tokens: default cap on the length of sampled actions, in tokens.
             gradient_checkpointing: recompute the language model's activations in backward.
         """
-        self.instruction = instruction
+        saved = saved_settings(path)
+        self.instruction = instruction if instruction is not None else saved.get("idm_instruction", IDM_INSTRUCTION)
         super().__init__(path, build_tiny, seed, vq_path, image_size, max_new_tokens, gradient_checkpointing)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "idm_instruction": self.instruction}
 
     @classmethod
     def sharing(cls, fwm: TokenFWM, max_new_tokens: int = 24, instruction: str = IDM_INSTRUCTION) -> LiquidIDM:

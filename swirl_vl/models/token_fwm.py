@@ -43,7 +43,9 @@ from swirl_vl.models.base import (
     Rollout,
     enable_gradient_checkpointing,
     missing_checkpoint_error,
+    saved_settings,
     write_folder_atomically,
+    write_settings,
 )
 from swirl_vl.models.generation import LogitGuidance, RecordLogprobs, generate_groups, tail_logits
 from swirl_vl.models.image_tokenizer import load_image_tokenizer, resize_square
@@ -79,7 +81,7 @@ class TokenFWM(ForwardWorldModel):
         build_tiny: bool = False,
         seed: int = 0,
         vq_path: str | None = None,
-        image_size: int = 32,
+        image_size: int | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
         """
@@ -89,7 +91,8 @@ class TokenFWM(ForwardWorldModel):
             seed: initialisation seed of the tiny model.
             vq_path: image tokenizer folder; default ``<path>/vq``. The tiny builder copies it (default: the
                 shipped sprite-world tokenizer) into ``<path>/vq``.
-            image_size: side in pixels the VQ sees; other input sizes are resized to it.
+            image_size: side in pixels the VQ sees; other input sizes are resized to it. None: the size a
+                ``save_pretrained`` folder was trained at, else ``default_image_size``.
             gradient_checkpointing: recompute the language model's activations in backward (less memory, ~30% more
                 compute; rollouts are then scored as full copies of each prompt).
         """
@@ -99,13 +102,16 @@ class TokenFWM(ForwardWorldModel):
             if not build_tiny:
                 raise self._missing(path)
             self._build_tiny(folder, seed=seed, vq_path=vq_path)
-        self.image_size = image_size
+        self.settings = saved_settings(folder)
+        self.image_size = (
+            image_size if image_size is not None else self.settings.get("image_size", self.default_image_size)
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.lm = AutoModelForCausalLM.from_pretrained(folder)
         self.vq = load_image_tokenizer(vq_path or folder / "vq")
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.lm)
-        self.grid = self.vq.grid(image_size)
+        self.grid = self.vq.grid(self.image_size)
         self.num_image_tokens = self.grid[0] * self.grid[1]
 
         num_codes = self.vq.num_codes
@@ -164,6 +170,9 @@ class TokenFWM(ForwardWorldModel):
                 f"'{image_token(num_codes - 1)}' (one per VQ code), '{BOI}' and '{EOI}'"
             )
         return ids[:-2], ids[-2], ids[-1]
+
+    default_image_size = 32
+    """The image side of a folder without saved settings (the shipped sprite VQ's)."""
 
     guidance_scale: float = 1.0
     """Classifier-free guidance on the logits when sampling (1: none); families with an unconditional prompt
@@ -353,6 +362,11 @@ class TokenFWM(ForwardWorldModel):
         self.lm.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         self.vq.save_pretrained(path / "vq")
+        write_settings(path, self._settings())
+
+    def _settings(self) -> dict[str, Any]:
+        """What ``save_pretrained`` records for reloading (``swirl_vl.json``)."""
+        return {"image_size": self.image_size}
 
     @override
     @classmethod

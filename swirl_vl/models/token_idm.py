@@ -38,7 +38,7 @@ class TokenIDM(InverseDynamicsModel):
         build_tiny: when ``path`` holds no model, write a tiny randomly initialised one there first (TokenFWM's).
         seed: initialisation seed of the tiny model.
         vq_path: image tokenizer folder; default ``<path>/vq``.
-        image_size: side in pixels the VQ sees; other input sizes are resized to it.
+        image_size: side in pixels the VQ sees; other input sizes are resized to it (None: as the FWM class reads it).
         max_new_tokens: default cap on the length of sampled actions, in tokens.
         gradient_checkpointing: recompute the language model's activations in backward (as ``TokenFWM``).
     """
@@ -49,7 +49,7 @@ class TokenIDM(InverseDynamicsModel):
         build_tiny: bool = False,
         seed: int = 0,
         vq_path: str | None = None,
-        image_size: int = 32,
+        image_size: int | None = None,
         max_new_tokens: int = 24,
         gradient_checkpointing: bool = False,
     ) -> None:
@@ -109,6 +109,7 @@ class TokenIDM(InverseDynamicsModel):
     # ``tokenizer`` and ``device``, which TokenIDM holds under the same names; both models then see identical codes.
     encode_images = TokenFWM.encode_images
     save_pretrained = TokenFWM.save_pretrained
+    _settings = TokenFWM._settings
     device = TokenFWM.device
     # VLMIDM's end-of-answer mask (reads ``stop_token_ids``).
     _until_first_stop = VLMIDM._until_first_stop
