@@ -25,7 +25,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from swirl_vl.training.swirl import TRAINS, SwirlModule
@@ -34,11 +34,15 @@ DONE = "done"
 
 
 class SwirlSchedule(Callback):
+    """The SWIRL schedule: SFT, then rounds of Phase I (the FWM trains) and Phase II (the IDM trains).
+
+    Evaluates both models on the test split after SFT and after each round."""
+
     def __init__(
         self,
-        sft_steps: int = 600,
+        sft_steps: int = 3000,
         iterations: int = 2,
-        phase1_steps: int = 100,
+        phase1_steps: int = 350,
         phase2_steps: int = 50,
         eval_at_boundaries: bool = True,
         eval_max_batches: int | None = None,
@@ -54,14 +58,8 @@ class SwirlSchedule(Callback):
             eval_max_batches: cap on test batches per boundary evaluation (None: the whole split).
             export_pretrained: write ``save_pretrained`` folders of the models at each phase end.
         """
-        for name, value in (
-            ("sft_steps", sft_steps),
-            ("iterations", iterations),
-            ("phase1_steps", phase1_steps),
-            ("phase2_steps", phase2_steps),
-        ):
-            if value < 0:
-                raise ValueError(f"--schedule.{name} must be ≥ 0; got {value}")
+        if problems := self.problems(sft_steps, iterations, phase1_steps, phase2_steps, eval_max_batches):
+            raise ValueError("; ".join(problems))
         self.sft_steps, self.iterations = sft_steps, iterations
         self.phase1_steps, self.phase2_steps = phase1_steps, phase2_steps
         self.eval_at_boundaries, self.eval_max_batches = eval_at_boundaries, eval_max_batches
@@ -74,6 +72,29 @@ class SwirlSchedule(Callback):
         self._phase_steps_timed = 0
         self._phase_seconds_before = 0.0  # timed in this phase before the current process (resumed runs)
         self.pretrained_dir: Path | None = None  # where this run exports; from the checkpoint: the previous run's
+        self._steps_without_labels = 0  # Phase I steps of the current phase that kept no pseudo-label
+
+    @staticmethod
+    def problems(
+        sft_steps: int, iterations: int, phase1_steps: int, phase2_steps: int, eval_max_batches: int | None = None
+    ) -> list[str]:
+        """What no schedule can run with, each naming its flag (the CLI asks before any model loads)."""
+        found = [
+            f"--schedule.{name} must be ≥ 0; got {value}"
+            for name, value in (
+                ("sft_steps", sft_steps),
+                ("iterations", iterations),
+                ("phase1_steps", phase1_steps),
+                ("phase2_steps", phase2_steps),
+            )
+            if value < 0
+        ]
+        if eval_max_batches is not None and eval_max_batches < 1:
+            found.append(
+                "--schedule.eval_max_batches must be ≥ 1 (null: the whole test split; no evaluations: "
+                f"--schedule.eval_at_boundaries false); got {eval_max_batches}"
+            )
+        return found
 
     def _steps(self, stage: str) -> int:
         return {"sft": self.sft_steps, "phase1": self.phase1_steps, "phase2": self.phase2_steps}[stage]
@@ -100,6 +121,10 @@ class SwirlSchedule(Callback):
         self._skip_empty_phases(trainer, pl_module)
 
     def _enter(self, module: SwirlModule, refresh_reference: bool, starting: bool) -> None:
+        steps = 0 if self.stage == DONE else self._steps(self.stage)
+        if starting and steps > 0:
+            where = "" if self.stage == "sft" else f", iteration {self.iteration + 1}/{self.iterations}"
+            rank_zero_info(f"[swirl] {self.stage}{where}, {steps} step{'s' if steps != 1 else ''}")
         if self.stage != DONE:
             module.enter_stage(self.stage, self.iteration, refresh_reference, self._steps(self.stage), starting)
             if refresh_reference is False and self.stage != "sft":
@@ -120,6 +145,15 @@ class SwirlSchedule(Callback):
     ) -> None:
         if not isinstance(pl_module, SwirlModule) or self.stage == DONE:
             return
+        if self.stage == "phase1" and trainer.callback_metrics.get("phase1/labels_kept", 1.0) == 0:
+            self._steps_without_labels += 1
+            if self._steps_without_labels == 1:
+                rank_zero_warn(
+                    f"[swirl] phase1 step {self.step_in_phase + 1} kept no pseudo-label, so it did not train the FWM: "
+                    "every greedy IDM label of the batch has a mean token log-prob below "
+                    f"--model.init_args.min_label_logprob ({pl_module.hparams.min_label_logprob}); lower it, or give "
+                    "the IDM more SFT (--schedule.sft_steps)"
+                )
         self.step_in_phase += 1
         self._phase_steps_timed += 1
         pl_module.step_in_phase = self.step_in_phase
@@ -136,6 +170,12 @@ class SwirlSchedule(Callback):
 
     def _finish_phase(self, trainer: Trainer, module: SwirlModule) -> None:
         finished, iteration = self.stage, self.iteration
+        if self._steps_without_labels:
+            rank_zero_warn(
+                f"[swirl] phase1, iteration {iteration + 1}: {self._steps_without_labels} of {self._steps(finished)} "
+                "steps kept no pseudo-label and did not train the FWM"
+            )
+            self._steps_without_labels = 0
         if self._phase_steps_timed:
             seconds = self._phase_seconds()
             self.phase_stats.append(
@@ -245,7 +285,8 @@ class SwirlSchedule(Callback):
             if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath is not None:
                 default = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
                 last = callback.last_model_path or str(default)
-                trainer.save_checkpoint(last)  # a collective under DDP: every rank calls, rank 0 writes
+                # A collective under DDP: every rank calls, rank 0 writes. The whole state, optimisers and schedule too.
+                trainer.save_checkpoint(last, weights_only=False)
                 # The callback's own end-of-fit save (after this hook, when it saved nothing in this run) writes to its
                 # last_model_path; any other existing file it would not overwrite but write beside, as last-v1.ckpt.
                 callback.last_model_path = last
