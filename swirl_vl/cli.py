@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import logging
+import re
 import sys
 import warnings
 import zipfile
@@ -16,6 +18,19 @@ from typing_extensions import override
 
 from swirl_vl.predict import PredictionWriter
 from swirl_vl.training.schedule import SwirlSchedule
+from swirl_vl.training.swirl import SwirlModule
+
+DESCRIPTION = (
+    "SWIRL (self-improving world modelling with latent actions) on PyTorch Lightning: a forward world model (FWM) and "
+    "an inverse dynamics model (IDM) are warm-started on labelled pairs (SFT), then trained in turns by GRPO on "
+    "state-only pairs, each rewarded by the other, frozen model: Phase I trains the FWM, Phase II the IDM. Start from "
+    "a config and override any key: swirl_vl fit --config configs/sprites.yaml --schedule.iterations 3. "
+    "swirl_vl fit --help lists the schedule's arguments (--schedule.*) with Lightning's; "
+    "swirl_vl fit --model.help swirl_vl.training.SwirlModule lists the SWIRL module's (group sizes, KL weights, "
+    "learning rates, LoRA), and swirl_vl fit --data.help datamodules.trajectory.SpriteDataModule the data's."
+)
+MODEL_HELP = "--model.help swirl_vl.training.SwirlModule"
+DATA_HELP = "--data.help datamodules.trajectory.SpriteDataModule"
 
 CHECKPOINT_FIX = (
     "pass a checkpoint that fit wrote whole (RUN/checkpoints/last.ckpt, or another .ckpt of the run; copy it again if "
@@ -31,6 +46,9 @@ class SwirlCLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(SwirlSchedule, "schedule")
+        # Lightning's base classes head these groups with their class name or the first line of their docstring.
+        parser.groups["model"].title = f"The LightningModule to run, by class_path ({MODEL_HELP} lists its arguments)"
+        parser.groups["data"].title = f"The DataModule, by class_path ({DATA_HELP} lists its arguments)"
 
     @override
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
@@ -46,14 +64,25 @@ class SwirlCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         # Before Lightning reads --ckpt_path's hyperparameters, and before any model loads.
         if not isinstance(args, (dict, Namespace)):
-            for path in config_files(sys.argv[1:] if args is None else list(args)):
+            argv = sys.argv[1:] if args is None else list(args)
+            files = config_files(argv)
+            for path in files:
                 if (problem := yaml_problem(path)) is not None:
                     raise SystemExit(f"swirl_vl: {problem}")
+            if (refused := optimizer_argument(argv, files)) is not None:
+                raise SystemExit(f"swirl_vl: {refused} {OPTIMIZER_FIX}")
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path is not None and (problem := checkpoint_problem(str(ckpt_path))) is not None:
             raise SystemExit(f"swirl_vl {subcommand}: {problem}; nothing was run.\nFix: {CHECKPOINT_FIX}.")
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        # Settings no run can use, before any model loads (SwirlModule's own checks come after its two models have).
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if problems := setting_problems(config):
+            raise SystemExit("\n".join(f"swirl_vl {self.subcommand}: {p}; nothing was run." for p in problems))
 
     @override
     def instantiate_classes(self) -> None:
@@ -66,6 +95,86 @@ class SwirlCLI(LightningCLI):
                 + "\n".join(f"  - {m}" for m in missing)
             )
         super().instantiate_classes()
+
+
+OPTIMIZER_FIX = (
+    "is not taken: the modules build their own optimisers and learning-rate schedules. SwirlModule has one optimiser "
+    "per model (--model.init_args.fwm.init_args.optimizer, --model.init_args.idm.init_args.optimizer) and schedules "
+    "their rates itself (--model.init_args.sft_lr_schedule, --model.init_args.rl_lr_schedule, "
+    "--model.init_args.fwm_rl_lr, --model.init_args.idm_rl_lr)."
+)
+
+
+def optimizer_argument(args: list[str], configs: list[str]) -> str | None:
+    """The first of Lightning's ``--optimizer`` / ``--lr_scheduler`` that ``args`` or a ``--config`` file sets, as
+    the user wrote it, or None. LightningCLI would give them to one automatic optimiser that the modules do not use."""
+    names = ("optimizer", "lr_scheduler")
+    for arg in args:
+        for name in names:
+            if arg == f"--{name}" or arg.startswith((f"--{name}.", f"--{name}=")):
+                return f"--{name}"
+    for path in configs:
+        loaded = yaml.safe_load(Path(path).read_text())
+        for name in names:
+            if isinstance(loaded, dict) and name in loaded:
+                return f"{name} (in --config {path})"
+    return None
+
+
+# SwirlModule's counts and their lowest values, with what they count. The module refuses some of them itself, but
+# only once the two models it is given have loaded (minutes for real checkpoints). None passes where it is taken.
+SWIRL_MODULE_MINIMA = {
+    "fwm_group_size": (2, "group-relative advantages compare a pair's samples with each other"),
+    "idm_group_size": (2, "group-relative advantages compare a pair's samples with each other"),
+    "rl_batch_size": (1, "pairs per RL step; null: the unlabelled loader's batch size"),
+    "rl_micro_batch_size": (1, "pairs per sampling pass; null: the whole step"),
+    "updates_per_rollout": (1, "optimiser steps per batch of rollouts"),
+    "max_nonfinite_steps": (1, "skipped non-finite steps in a row before fit stops"),
+    "sft_fwm_steps": (0, "SFT steps that train the FWM; null: all of them"),
+    "sft_warmup_steps": (0, "steps of warm-up; 0: none"),
+    "rl_warmup_steps": (0, "steps of warm-up; 0: none"),
+}
+
+
+def setting_problems(config: Namespace) -> list[str]:
+    """Settings that no run can use, each naming the flag to change; read from the parsed ``config`` alone."""
+    found = []
+    model, data = config.get("model"), config.get("data")
+    if isinstance(model, Namespace) and _is_subclass(model.get("class_path"), SwirlModule):
+        for name, (lowest, what) in SWIRL_MODULE_MINIMA.items():
+            value = (model.get("init_args") or Namespace()).get(name)
+            if value is not None and value < lowest:
+                found.append(f"--model.init_args.{name} must be ≥ {lowest} ({what}); got {value}")
+    if isinstance(data, Namespace) and isinstance(data.get("init_args"), Namespace):
+        # Any DataModule's batch sizes; the trajectory DataModules cut each epoch into whole batches.
+        init = data.init_args
+        for name in ("batch_size", "eval_batch_size"):
+            if isinstance(init.get(name), int) and init[name] < 1:
+                found.append(f"--data.init_args.{name} must be ≥ 1; got {init[name]}")
+        batch, epoch = init.get("batch_size"), init.get("pairs_per_epoch")
+        if isinstance(batch, int) and isinstance(epoch, int) and batch >= 1 and epoch < batch:
+            found.append(
+                f"--data.init_args.pairs_per_epoch must be ≥ --data.init_args.batch_size ({batch}): an epoch holds "
+                f"whole batches; got {epoch}"
+            )
+    schedule = config.get("schedule")
+    if isinstance(schedule, Namespace):
+        found += SwirlSchedule.problems(
+            schedule.sft_steps,
+            schedule.iterations,
+            schedule.phase1_steps,
+            schedule.phase2_steps,
+            schedule.eval_max_batches,
+        )
+    return found
+
+
+def _is_subclass(class_path: Any, base: type) -> bool:
+    if not isinstance(class_path, str) or "." not in class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    return isinstance(cls, type) and issubclass(cls, base)
 
 
 def config_files(args: list[str]) -> list[str]:
@@ -160,15 +269,54 @@ def missing_inputs(config: Any, stage: str) -> list[str]:
     return found
 
 
-def main(args: list[str] | None = None) -> SwirlCLI:
+class _DropMessages(logging.Filter):
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    @override
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.pattern.match(record.getMessage()) is None
+
+
+# Advertisements for Lightning's cloud services, logged (not warned) at every Trainer's start.
+_LIGHTNING_TIPS = _DropMessages(r"💡 Tip: .*\[lit(logger|models)\]\(https://pypi\.org/")
+
+
+def mute_known_noise() -> None:
+    """Silence the messages of Lightning and torch that every run prints and that ask nothing of a SWIRL user."""
     # SwirlModule optimises manually, and a checkpoint holds the weights after a step together with the schedule's
     # count of that step, so a resumed run goes on at the next one: the state Lightning's warning (with its page
     # of example code, on every run) asks whether we meant.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # The frozen parts (a VQ tokenizer, the model that does not train in a phase) are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # The pair streams split their shards by worker and count each epoch per worker, so their length is exact.
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    # Lightning's own use of a torch API that newer torch deprecates; nothing to change on our side.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Logged through whichever of these two loggers lightning_utilities was given last (a filter is added once).
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_LIGHTNING_TIPS)
+
+
+def main(args: list[str] | None = None) -> SwirlCLI:
+    mute_known_noise()
+    subcommand_help = {
+        "fit": f"SFT, then --schedule.iterations rounds of Phase I and Phase II. The SWIRL module's arguments: "
+        f"{MODEL_HELP}; the data's: {DATA_HELP}."
+    }
     return SwirlCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={
+            "prog": "swirl_vl",
+            "description": DESCRIPTION,
+            **{name: {"description": text} for name, text in subcommand_help.items()},
+        },
+        # The modules build their own optimisers (SwirlModule: one per model); see OPTIMIZER_FIX.
+        auto_configure_optimizers=False,
         args=args,
     )
 
