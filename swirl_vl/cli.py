@@ -323,3 +323,9 @@ def main(args: list[str] | None = None) -> SwirlCLI:
 
 if __name__ == "__main__":
     main()
+
+
+def run() -> None:
+    """The ``swirl_vl`` console script: ``main`` with the command line; exit status 0 when the run succeeds (a
+    console script exits with what its function returns, and ``main`` returns the CLI object)."""
+    main()
