@@ -26,7 +26,7 @@ from swirl_vl.models.base import Rollout, check_sampling_settings
 from swirl_vl.models.token_fwm import TokenFWM
 from swirl_vl.models.token_idm import TokenIDM
 from swirl_vl.rl.grpo import group_advantages
-from swirl_vl.training.images import log_texts, log_transitions
+from swirl_vl.training.images import grouped_lines, log_action_groups, log_transitions
 from swirl_vl.training.lora import LoraReference, LoraSpec, adapter_parameters, add_lora
 from swirl_vl.training.lr import LRSchedule, lr_factor
 from swirl_vl.training.memory import MemoryPlan, memory_plan, runtime_bytes
@@ -36,6 +36,23 @@ from swirl_vl.training.sft import FWMModule, IDMModule, finish_test_report, labe
 STAGES = ("sft", "phase1", "phase2")
 TRAINS = {"sft": ("fwm", "idm"), "phase1": ("fwm",), "phase2": ("idm",)}
 """The models that train in each stage."""
+
+
+def forget_logged_values(trainer: Any) -> None:
+    """Drop the values logged in earlier training steps, so a log step writes only what this step logs.
+
+    Lightning keeps every value logged in an epoch and writes them all again at each log step until the epoch ends:
+    with stages that log different scalars, ``fwm/sft_loss`` would go on being written, flat, through both phases.
+    """
+    results = getattr(trainer, "_results", None)  # Lightning's collection of what the running loop logged
+    if results is not None:
+        results.reset(metrics=False)  # tensors only: a torchmetrics Metric keeps its own state
+
+
+def stage_metrics(metrics: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The progress-bar values ``stage`` logs: its models' losses in SFT, the phase's own scalars in a phase."""
+    prefixes = tuple(f"{name}/" for name in TRAINS[stage]) if stage == "sft" else (f"{stage}/",)
+    return {name: value for name, value in metrics.items() if name.startswith(prefixes)}
 
 
 def sampler_gap(logprobs: Tensor | None, rollout: Rollout) -> Tensor | None:
@@ -372,6 +389,7 @@ class SwirlModule(LightningModule):
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        forget_logged_values(self.trainer)
         fwm_opt, idm_opt = self.optimizers()
         self._apply_lrs([fwm_opt, idm_opt])
         for which, opt in (("fwm", fwm_opt), ("idm", idm_opt)):
@@ -384,7 +402,8 @@ class SwirlModule(LightningModule):
             step(self._rl_pairs(batch), fwm_opt)
         else:
             self.phase2_idm_step(self._rl_pairs(batch), idm_opt)
-        self.log("iteration", float(self.iteration), prog_bar=True, batch_size=1)
+        self.log("stage", float(STAGES.index(self.stage)), batch_size=1)
+        self.log("iteration", float(self.iteration), batch_size=1)
 
     def _rl_pairs(self, batch: dict) -> dict:
         """The step's state-only pairs: the first ``rl_batch_size``, less any whose images are not finite (counted).
@@ -511,9 +530,12 @@ class SwirlModule(LightningModule):
         if self._should_log_rollouts():
             rollout, rewards = chunks[0]  # never None: the first micro-batch holds the first kept pairs
             k = min(4, rollout.num_samples // g)
-            ys = rollout.images.view(-1, g, *rollout.images.shape[1:])[:k, : min(g, 4)]
-            captions = [f"{a} (reward {r:.2f})" for a, r in zip(z[:k], rewards.view(-1, g)[:k, 0].tolist())]
-            log_transitions(self.logger, "phase1/rollouts", x[:k], ys, y[:k], captions, self.global_step)
+            shown = min(g, 4)
+            ys = rollout.images.view(-1, g, *rollout.images.shape[1:])[:k, :shown]
+            sample_rewards = [[f"reward {r:.2f}" for r in row] for row in rewards.view(-1, g)[:k, :shown].tolist()]
+            log_transitions(
+                self.logger, "phase1/rollouts", x[:k], ys, y[:k], list(z[:k]), self.global_step, sample_rewards
+            )
 
     def phase2_idm_step(self, pairs: dict, opt: Any) -> None:
         """Phase II: ELBO maximisation; the IDM trains with reward ``log P_θ(y | x, z)``."""
@@ -530,8 +552,11 @@ class SwirlModule(LightningModule):
         self.update(self.idm_objective, self.idm.model, self.idm_ref, chunks, opt, self.hparams.idm_beta, "phase2")
         if self._should_log_rollouts() and chunks[0] is not None:
             rollout, rewards = chunks[0]
-            lines = [f"`{t}` reward {r:.3f}" for t, r in zip(rollout.texts[: 2 * g], rewards[: 2 * g].tolist())]
-            log_texts(self.logger, "phase2/sampled_actions", lines, self.global_step)
+            k = min(2, rollout.num_samples // g)
+            groups = grouped_lines(rollout.texts[: k * g], rewards[: k * g].tolist(), g)
+            log_action_groups(  # the first micro-batch's pairs: the first of the batch
+                self.logger, "phase2/sampled_actions", pairs["x"][:k], pairs["y"][:k], groups, self.global_step
+            )
 
     def update(
         self,
