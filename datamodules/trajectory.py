@@ -26,7 +26,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from .shards import DecodedTrajectory, SkipCounter, iter_trajectories
+from .shards import SKIP_REASONS, DecodedTrajectory, SkipCounter, iter_trajectories
 from .sprites import MANIFEST as SPRITE_MANIFEST
 from .sprites import write_sprite_splits
 
@@ -40,6 +40,9 @@ STAGE_SPLITS = {
 }
 """The splits each Trainer stage reads (``fit`` evaluates on the test split at every stage boundary; ``predict``
 writes out the test split's pairs)."""
+
+STREAMED_SPLITS = ("labelled", "unlabelled")
+"""The splits read as streams, each DDP rank its own share; every rank decodes the other splits whole."""
 
 _SPLIT_SOURCES = {
     "labelled": (
@@ -227,6 +230,21 @@ class TrajectoryDataModule(L.LightningDataModule):
         """Skipped samples by split and reason, in this process and its DataLoader workers (this device only)."""
         return {split: counter.as_dict() for split, counter in self._skipped.items()}
 
+    def skipped_on_all_devices(self) -> dict[str, dict[str, int]]:
+        """``skipped`` over every DDP rank, splits and reasons with none left out: the streamed splits' counts summed
+        (each rank reads its own share), the others' taken once (each rank decodes them whole). A collective where the
+        trainer is distributed: every rank must call it."""
+        counts = torch.tensor([[self._skipped[s].counts[r] for r in SKIP_REASONS] for s in SPLITS], dtype=torch.int64)
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            device = trainer.strategy.root_device  # NCCL gathers GPU tensors only
+            counts = merge_rank_skips(trainer.strategy.all_gather(counts.to(device)).cpu())
+        return {
+            split: {reason: n for reason, n in zip(SKIP_REASONS, row) if n}
+            for split, row in zip(SPLITS, counts.tolist())
+            if any(row)
+        }
+
     def shards(self, split: str) -> list[str]:
         """The shard files of a split, sorted; a clear error when its pattern matches none."""
         pattern = self.patterns[split]
@@ -337,6 +355,14 @@ class TrajectoryDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,  # fresh workers each epoch pick up a fresh base seed
         )
+
+
+def merge_rank_skips(gathered: torch.Tensor) -> torch.Tensor:
+    """Skip counts of every rank ``(ranks, len(SPLITS), len(SKIP_REASONS))`` → the run's ``(len(SPLITS),
+    len(SKIP_REASONS))``: summed over ranks for the streamed splits, the largest rank's count for the others (each
+    rank decoded them whole, so each counted every skip)."""
+    streamed = torch.tensor([split in STREAMED_SPLITS for split in SPLITS])[:, None]
+    return torch.where(streamed, gathered.sum(0), gathered.amax(0))
 
 
 def _glob_free_prefix(pattern: str) -> str:

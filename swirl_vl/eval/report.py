@@ -128,3 +128,28 @@ def write_report(table: MetricTable, log_dir: str | Path, extra: Mapping[str, An
         tmp.write_text(text)
         tmp.replace(path)
     return paths
+
+
+def data_skipped(trainer: Any) -> dict[str, dict[str, int]]:
+    """The samples the trainer's DataModule skipped, over every device, by split and reason (``{}``: none, or a
+    DataModule that does not count them). A collective under DDP: every rank must call it."""
+    count = getattr(trainer.datamodule, "skipped_on_all_devices", None)
+    return {} if count is None else count()
+
+
+def skipped_scalars(skipped: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
+    """``data_skipped``'s counts as TensorBoard scalars ``data/skipped/<split>/<reason>``."""
+    return {
+        f"data/skipped/{split}/{reason}": float(n)
+        for split, reasons in skipped.items()
+        for reason, n in reasons.items()
+    }
+
+
+def skipped_line(skipped: Mapping[str, Mapping[str, int]]) -> str:
+    """One line for the log, e.g. ``skipped samples: labelled 3 (bad_image 2, bad_json 1); test 1 (bad_image 1)``."""
+    parts = [
+        f"{split} {sum(reasons.values())} (" + ", ".join(f"{r} {n}" for r, n in reasons.items()) + ")"
+        for split, reasons in skipped.items()
+    ]
+    return "skipped samples: " + "; ".join(parts)

@@ -4,7 +4,8 @@ The schedule is SFT for ``sft_steps`` batches, then ``iterations`` rounds of Pha
 ``phase1_steps``) and Phase II (IDM trains, ``phase2_steps``). Its state lives in checkpoints, so a
 run killed mid-phase resumes in the same phase at the same step, and resuming into a longer schedule
 continues it. At the end of SFT and of each iteration it evaluates both models on the test split; the
-table is printed at the end of fit and written to ``<log_dir>/swirl_metrics.json``.
+table is printed at the end of fit and written to ``<log_dir>/swirl_metrics.json``, each row with the samples the
+DataModule skipped so far (``skipped``: by split and reason, over every device).
 
 A resumed run logs to a new folder (Lightning's next ``version_N``); the schedule makes it complete: its
 ``pretrained/`` also holds the folders exported before the resume (hard links, no copy of the weights), and
@@ -25,9 +26,11 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from swirl_vl.eval.report import data_skipped, skipped_line, skipped_scalars
 from swirl_vl.training.swirl import TRAINS, SwirlModule
 
 DONE = "done"
@@ -207,11 +210,22 @@ class SwirlSchedule(Callback):
         if hasattr(datamodule, "setup"):
             datamodule.setup("test")
         metrics = module.evaluate_loader(datamodule.test_dataloader(), self.eval_max_batches)
-        row = {"after": label, "global_step": trainer.global_step, **metrics}
-        self.history.append(row)
-        for name, value in metrics.items():
-            module.log(f"schedule/{name}", value, batch_size=1, rank_zero_only=True)
+        skipped = data_skipped(trainer)
+        self.history.append({"after": label, "global_step": trainer.global_step, **metrics, "skipped": skipped})
+        log_scalars(trainer, {f"schedule/{name}": value for name, value in metrics.items()} | skipped_scalars(skipped))
         rank_zero_info(f"[swirl] test after {label}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    @staticmethod
+    def _report_skipped(trainer: Trainer) -> None:
+        """The samples skipped so far, over every device: to the loggers, and a line in the log when there are any."""
+        skipped = data_skipped(trainer)  # a collective under DDP: every rank must ask
+        log_scalars(trainer, skipped_scalars(skipped))
+        if skipped:
+            rank_zero_info(f"[swirl] {skipped_line(skipped)} (the first few of each reason were warned about)")
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report_skipped(trainer)
 
     def _phase_seconds(self) -> float:
         """Seconds timed in the current phase so far, in this process and (resumed) the ones before it."""
@@ -254,6 +268,7 @@ class SwirlSchedule(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report_skipped(trainer)
         if not isinstance(pl_module, SwirlModule):
             return
         if self.stage == DONE:
@@ -321,6 +336,20 @@ class SwirlSchedule(Callback):
 STALE_EXPORT = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")
 
 
+def log_scalars(trainer: Trainer, metrics: dict[str, float]) -> None:
+    """Write ``metrics`` to the loggers now (rank 0), at the step of Lightning's own training scalars in fit.
+
+    Not ``LightningModule.log`` from a callback: that reaches the loggers only if this step is a log step, and
+    ``SwirlModule`` forgets each step's values at the next one.
+    """
+    if trainer.global_rank != 0 or not metrics:
+        return
+    fitting = trainer.state.fn == TrainerFn.FITTING
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped if fitting else trainer.global_step
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
 def remove_stale_exports(pretrained: Path) -> None:
     """Remove the ``<tag>/.<name>.tmp-<pid>`` folders under ``pretrained`` whose exporting process is gone."""
     for tmp in pretrained.glob("*/.*.tmp-*"):
@@ -360,7 +389,8 @@ def link_tree(source: Path, target: Path) -> None:
 
 def format_table(history: list[dict[str, Any]]) -> str:
     """A Markdown table: one row per evaluation point, one column per metric."""
-    metrics = sorted({k for row in history for k in row} - {"after", "global_step"})
+    numbers = {k for row in history for k, v in row.items() if isinstance(v, (int, float))}
+    metrics = sorted(numbers - {"global_step"})
     header = "| after | step | " + " | ".join(metrics) + " |"
     sep = "|---|---|" + "---|" * len(metrics)
     rows = [

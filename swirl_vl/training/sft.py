@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from swirl_vl.eval.evaluate import evaluate_fwm, evaluate_idm
 from swirl_vl.eval.judge import Judge
-from swirl_vl.eval.report import ALL, MetricTable, gather, write_report
+from swirl_vl.eval.report import ALL, MetricTable, data_skipped, gather, write_report
 from swirl_vl.eval.rollout import rollout_trajectories
 from swirl_vl.eval.sensitivity import fwm_action_sensitivity, idm_image_sensitivity
 from swirl_vl.models.base import ForwardWorldModel, InverseDynamicsModel
@@ -45,9 +45,10 @@ def finish_test_report(module: LightningModule, table: MetricTable) -> None:
             logger.log_metrics(per_task, step=module.global_step)
     trainer = module.trainer
     log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+    skipped = data_skipped(trainer)  # a collective too
     if module.global_rank == 0 and log_dir is not None and means:
         # Not the global step: `test` does not restore it from the checkpoint; the checkpoint names the weights.
-        extra = {"ckpt_path": trainer.ckpt_path}
+        extra = {"ckpt_path": trainer.ckpt_path, "skipped": skipped}
         json_path, _ = write_report(table, log_dir, extra)
         rank_zero_info(f"[swirl] test metrics per task written to {json_path} and {json_path.with_suffix('.md')}")
 
