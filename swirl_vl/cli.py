@@ -13,10 +13,12 @@ from typing import Any
 
 import yaml
 from jsonargparse import Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from swirl_vl.predict import PredictionWriter
+from swirl_vl.training.progress import use_stage_progress_bar
 from swirl_vl.training.schedule import SwirlSchedule
 from swirl_vl.training.swirl import SwirlModule
 
@@ -83,6 +85,16 @@ class SwirlCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if problems := setting_problems(config):
             raise SystemExit("\n".join(f"swirl_vl {self.subcommand}: {p}; nothing was run." for p in problems))
+        if self.subcommand in ("validate", "test") and (run := checkpoint_run(config)) is not None:
+            config.trainer.logger.init_args.update(Namespace(**run))  # log into the run that wrote the checkpoint
+            # Beside the config that fit saved there, not over it.
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{self.subcommand}_config.yaml"}
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        use_stage_progress_bar(trainer)
+        return trainer
 
     @override
     def instantiate_classes(self) -> None:
@@ -167,6 +179,21 @@ def setting_problems(config: Namespace) -> list[str]:
             schedule.eval_max_batches,
         )
     return found
+
+
+def checkpoint_run(config: Namespace) -> dict[str, Any] | None:
+    """The logger settings (``save_dir``, ``name``, ``version``) of the TensorBoard run whose folder holds ``--ckpt_path``
+    (``SAVE_DIR/NAME/version_K/checkpoints/*.ckpt``), or None: no such path, another logger, or a version already set."""
+    ckpt, logger = config.get("ckpt_path"), (config.get("trainer") or Namespace()).get("logger")
+    if ckpt is None or not isinstance(logger, Namespace) or not isinstance(logger.get("init_args"), Namespace):
+        return None
+    if not str(logger.get("class_path")).endswith("TensorBoardLogger") or logger.init_args.get("version") is not None:
+        return None
+    folder = Path(str(ckpt)).resolve().parent
+    version = re.fullmatch(r"version_(\d+)", folder.parent.name)
+    if folder.name != "checkpoints" or version is None:
+        return None
+    return {"save_dir": str(folder.parents[2]), "name": folder.parents[1].name, "version": int(version[1])}
 
 
 def _is_subclass(class_path: Any, base: type) -> bool:

@@ -159,8 +159,17 @@ def test_fit_sft_then_swirl_writes_events_images_checkpoint_and_table(tmp_path, 
         "phase2/reward_std",
     ):
         assert scalar in tags["scalars"], (scalar, tags["scalars"])
+    # Each scalar at the steps of the stage that makes it (Lightning would write the last SFT loss again at every
+    # later log step), and the stage itself at every step: 4 SFT steps, 2 of Phase I, 3 of Phase II.
+    assert len(_scalar_values(run, "fwm/sft_loss")) == 4
+    assert len(_scalar_values(run, "phase1/reward_mean")) == 2
+    assert _scalar_values(run, "stage") == [0, 0, 0, 0, 1, 1, 2, 2, 2]
+    assert "schedule/fwm_state_acc" in tags["scalars"]
+    assert "phase2/sampled_actions" in tags["images"]
+    assert "phase1 1/1" in proc.stdout and "phase2 1/1" in proc.stdout  # the progress bar names the stage
     table = json.loads((run / "swirl_metrics.json").read_text())
     assert [row["after"] for row in table] == ["sft", "iteration_1"]
+    assert all(row["skipped"] == {} for row in table)
     assert {"fwm_state_acc", "idm_action_acc", "fwm_psnr", "fwm_ssim", "fwm_l1"} <= set(table[0])
     assert (run / "pretrained" / "sft" / "fwm" / "config.json").exists()
     assert (run / "pretrained" / "iteration_1_phase2" / "idm" / "config.json").exists()
@@ -169,6 +178,11 @@ def test_fit_sft_then_swirl_writes_events_images_checkpoint_and_table(tmp_path, 
     proc = _run(["test", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "test/fwm_state_acc" in proc.stdout and "test/idm_action_acc" in proc.stdout
+    # ... into the run it tests, beside fit's config, not in a new version_N.
+    assert _version_dir(tmp_path) == run and (run / "test_config.yaml").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["ckpt_path"] is None
+    assert json.loads((run / "test_metrics.json").read_text())["skipped"] == {}
+    assert "test/fwm_state_acc" in _tensorboard_tags(run)["scalars"]
 
 
 def _checkpoint_state(path: Path) -> dict:
