@@ -69,6 +69,7 @@ def parser(doc: str, out: str) -> argparse.ArgumentParser:
         "than SWIRL's checks that SFT is saturated, i.e. that SWIRL is compared in the regime it is for",
     )
     p.add_argument("--jobs", type=int, default=2, help="arms run side by side, one thread each")
+    p.add_argument("--sft-threads", type=int, default=None, help="threads of the SFT run (default: every core)")
     p.add_argument("--arms", nargs="+", default=None, help="run only these arms (default: all)")
     p.add_argument(
         "--reuse", action="store_true", help="keep the runs under --work that finished (SFT, arms); run the rest"
@@ -93,7 +94,7 @@ def main(select: list[str] | None = None, doc: str = __doc__, out: str = "ablati
     results = []
     for seed in a.seeds:
         print(f"seed {seed}", flush=True)
-        r = run_seed(a.config, seed, a.work / f"seed{seed}", a.sft_steps, chosen, extra, a.jobs, a.reuse)
+        r = run_seed(a.config, seed, a.work / f"seed{seed}", a.sft_steps, chosen, extra, a.jobs, a.reuse, a.sft_threads)
         results.append(r)
         for metric in ("fwm_state_acc", "idm_action_acc"):
             print(f"  {metric}: " + "  ".join(f"{n} {r[n][metric]:.3f}" for n in names), flush=True)

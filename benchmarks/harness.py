@@ -89,14 +89,16 @@ def run_seed(
     extra: list[str],
     jobs: int,
     reuse: bool = False,
+    sft_threads: int | None = None,
 ) -> dict:
     """SFT once, then every arm from the SFT folders; returns per-arm final metrics, tables and phase stats.
 
     ``reuse``: keep the runs (SFT and arms) that already finished under ``work`` and run only the others, so a
     benchmark stopped part-way picks up where it stopped. That they ran with the same settings is the caller's
-    responsibility; their wall time is recorded as None.
+    responsibility; their wall time is recorded as None. ``sft_threads``: threads of the SFT run (default: every
+    core; on a machine that runs other work too, 1 keeps it from spinning against it).
     """
-    cores = os.cpu_count() or 1
+    cores = sft_threads or os.cpu_count() or 1
     threads = 1 if jobs > 1 else cores
     sft_arm = Arm("sft", ["--schedule.sft_steps", str(sft_steps), "--schedule.iterations", "0"])
     models = work / "models"
