@@ -38,15 +38,24 @@ TRAINS = {"sft": ("fwm", "idm"), "phase1": ("fwm",), "phase2": ("idm",)}
 """The models that train in each stage."""
 
 
-def forget_logged_values(trainer: Any) -> None:
-    """Drop the values logged in earlier training steps, so a log step writes only what this step logs.
+def forget_logged_values(trainer: Any, stage_ended: bool) -> None:
+    """Drop the values logged in earlier training steps, so a log step writes only what its own step logged.
 
     Lightning keeps every value logged in an epoch and writes them all again at each log step until the epoch ends:
     with stages that log different scalars, ``fwm/sft_loss`` would go on being written, flat, through both phases.
+    ``stage_ended``: the previous step was a stage's last; if it was no log step its values are written first (at its
+    step), or a stage shorter than ``log_every_n_steps`` would show none.
     """
     results = getattr(trainer, "_results", None)  # Lightning's collection of what the running loop logged
-    if results is not None:
-        results.reset(metrics=False)  # tensors only: a torchmetrics Metric keeps its own state
+    if results is None:
+        return
+    stepped = trainer.fit_loop.epoch_loop._batches_that_stepped  # the x of Lightning's training scalars
+    every = trainer.log_every_n_steps
+    if stage_ended and every and stepped % every:  # Lightning logged the previous step if stepped % every == 0
+        values = results.metrics(on_step=True)["log"]  # tensors: every logger takes them
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=stepped - 1)
+    results.reset(metrics=False)  # tensors only: a torchmetrics Metric keeps its own state
 
 
 def stage_metrics(metrics: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -232,6 +241,7 @@ class SwirlModule(LightningModule):
         self.memory_plan: MemoryPlan | None = None
         self._nonfinite_in_row = 0
         self._step_chunks = 1
+        self._last_step_stage: str | None = None  # the stage of the previous training step in this process
 
     # ---------------------------------------------------------------- stage control (driven by SwirlSchedule)
 
@@ -389,7 +399,8 @@ class SwirlModule(LightningModule):
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        forget_logged_values(self.trainer)
+        forget_logged_values(self.trainer, stage_ended=self._last_step_stage not in (None, self.stage))
+        self._last_step_stage = self.stage
         fwm_opt, idm_opt = self.optimizers()
         self._apply_lrs([fwm_opt, idm_opt])
         for which, opt in (("fwm", fwm_opt), ("idm", idm_opt)):
