@@ -10,6 +10,7 @@ business, not the tokenizer's.
   by Chameleon, Anole and Liquid) after ``python -m swirl_vl.models.chameleon_vqgan`` has converted its
   ``vqgan.ckpt``. (transformers' ``ChameleonVQVAE`` holds only the encoder: it cannot decode generated codes.)
 - ``JanusVQ``: transformers' ``JanusVQVAE`` (Janus-Pro's generation tokenizer), a folder with its config.
+- ``Emu3VQ``: transformers' ``Emu3VQVAE`` (Emu3's tokenizer), a folder with its config.
 
 ``load_image_tokenizer(path)`` picks the class from the folder's ``config.json``. The tokenizer is never trained:
 its parameters have ``requires_grad`` off and it stays in eval mode whatever the host's mode.
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import VQModel
 from torch import Tensor, nn
-from transformers import JanusVQVAE
+from transformers import Emu3VQVAE, JanusVQVAE
 from typing_extensions import override
 
 
@@ -86,19 +87,36 @@ class DiffusersVQ(ImageTokenizer):
 
     @override
     def grid(self, image_size: int) -> tuple[int, int]:
-        side = image_size // 2 ** (len(self.model.config.block_out_channels) - 1)
-        return side, side
+        return vqmodel_grid(self.model, image_size)
 
     @override
     def _encode(self, pixels: Tensor) -> Tensor:
-        _, _, (_, _, indices) = self.model.quantize(self.model.encode(pixels).latents)
-        return indices
+        return vqmodel_codes(self.model, pixels)
 
     @override
     def _decode(self, codes: Tensor, grid: tuple[int, int]) -> Tensor:
-        dim = self.model.quantize.embedding.weight.shape[1]
-        quant = self.model.quantize.get_codebook_entry(codes.reshape(-1), (codes.shape[0], *grid, dim))
-        return self.model.decode(quant, force_not_quantize=True).sample
+        return vqmodel_pixels(self.model, codes, grid)
+
+
+def vqmodel_grid(model: VQModel, image_size: int) -> tuple[int, int]:
+    """``(h, w)`` of a diffusers ``VQModel``'s code grid for square images of ``image_size`` pixels."""
+    factor = 2 ** (len(model.config.block_out_channels) - 1)  # one stride-2 downsample per block but the last
+    if image_size % factor:
+        raise ValueError(f"image_size={image_size} is not a multiple of the VQ's downsampling factor {factor}")
+    return image_size // factor, image_size // factor
+
+
+def vqmodel_codes(model: VQModel, pixels: Tensor) -> Tensor:
+    """A diffusers ``VQModel``'s codebook indices ``(B * h * w,)`` of ``pixels`` in ``[-1, 1]``, raster order."""
+    _, _, (_, _, indices) = model.quantize(model.encode(pixels).latents)
+    return indices
+
+
+def vqmodel_pixels(model: VQModel, codes: Tensor, grid: tuple[int, int]) -> Tensor:
+    """A diffusers ``VQModel``'s images in ``[-1, 1]`` (unclamped) of codes ``(B, h*w)`` on an ``h × w`` grid."""
+    dim = model.quantize.embedding.weight.shape[1]
+    quant = model.quantize.get_codebook_entry(codes.reshape(-1), (codes.shape[0], *grid, dim))
+    return model.decode(quant, force_not_quantize=True).sample
 
 
 class JanusVQ(ImageTokenizer):
@@ -129,8 +147,36 @@ class JanusVQ(ImageTokenizer):
         return self.model.decode(codes)
 
 
+class Emu3VQ(ImageTokenizer):
+    """transformers' ``Emu3VQVAE`` (Emu3's video tokenizer, used on single images): a still image is encoded as
+    ``temporal_downsample_factor`` repeated frames and decoded as its first frame, as Emu3 does."""
+
+    def __init__(self, model: Emu3VQVAE) -> None:
+        super().__init__(model)
+        self.num_codes = model.config.codebook_size
+        self.factor = 2 ** (len(model.config.channel_multiplier) - 1)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Emu3VQ:
+        return cls(Emu3VQVAE.from_pretrained(path))
+
+    @override
+    def grid(self, image_size: int) -> tuple[int, int]:
+        return image_size // self.factor, image_size // self.factor
+
+    @override
+    def _encode(self, pixels: Tensor) -> Tensor:
+        sizes = torch.tensor([pixels.shape[-2:]] * pixels.shape[0])
+        return torch.stack(self.model.encode(pixels, sizes).image_tokens)
+
+    @override
+    def _decode(self, codes: Tensor, grid: tuple[int, int]) -> Tensor:
+        return self.model.decode(codes.view(codes.shape[0], *grid))
+
+
 def load_image_tokenizer(path: str | Path) -> ImageTokenizer:
-    """The image tokenizer in folder ``path``, chosen by its ``config.json`` (diffusers ``VQModel``, Janus VQ)."""
+    """The image tokenizer in folder ``path``, chosen by its ``config.json`` (diffusers ``VQModel``, Janus or Emu3
+    VQ)."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(
@@ -142,8 +188,10 @@ def load_image_tokenizer(path: str | Path) -> ImageTokenizer:
         return DiffusersVQ.from_pretrained(path)
     if config.get("model_type") == "janus_vqgan":
         return JanusVQ.from_pretrained(path)
+    if config.get("model_type") == "emu3_vqgan":
+        return Emu3VQ.from_pretrained(path)
     raise ValueError(
-        f"'{config_file}' is neither a diffusers VQModel (_class_name) nor a JanusVQVAE (model_type janus_vqgan); "
+        f"'{config_file}' is not a diffusers VQModel (_class_name) nor a JanusVQVAE or Emu3VQVAE (model_type); "
         "Chameleon's vqgan.ckpt converts with `python -m swirl_vl.models.chameleon_vqgan`"
     )
 

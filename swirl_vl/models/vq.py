@@ -28,34 +28,23 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from datamodules import sprites
+from swirl_vl.models.image_tokenizer import vqmodel_codes, vqmodel_pixels
+from swirl_vl.models.image_tokenizer import vqmodel_grid as vq_grid
 
 SHIPPED_SPRITE_VQ = Path(__file__).resolve().parent.parent / "assets" / "sprite_vq"
 """The trained sprite-world tokenizer shipped with the package (8× downsampling, 64 codes)."""
 
 
-def vq_grid(vq: VQModel, image_size: int) -> tuple[int, int]:
-    """``(h, w)`` of the code grid for square images of ``image_size`` pixels."""
-    factor = 2 ** (len(vq.config.block_out_channels) - 1)  # one stride-2 downsample per block but the last
-    if image_size % factor:
-        raise ValueError(f"image_size={image_size} is not a multiple of the VQ's downsampling factor {factor}")
-    return image_size // factor, image_size // factor
-
-
 @torch.no_grad()
 def vq_encode(vq: VQModel, images: Tensor) -> Tensor:
     """Images ``(B, 3, H, W)`` in ``[0, 1]`` → codebook indices ``(B, h*w)``, raster order."""
-    latents = vq.encode(images * 2 - 1).latents  # (B, C, h, w); VQModel works in [-1, 1]
-    _, _, (_, _, indices) = vq.quantize(latents)
-    return indices.view(images.shape[0], -1)
+    return vqmodel_codes(vq, images * 2 - 1).view(images.shape[0], -1)  # VQModel works in [-1, 1]
 
 
 @torch.no_grad()
 def vq_decode(vq: VQModel, codes: Tensor, grid: tuple[int, int]) -> Tensor:
     """Codebook indices ``(B, h*w)`` → images ``(B, 3, H, W)`` in ``[0, 1]``."""
-    dim = vq.quantize.embedding.weight.shape[1]
-    quant = vq.quantize.get_codebook_entry(codes.reshape(-1), (codes.shape[0], *grid, dim))  # (B, C, h, w)
-    images = vq.decode(quant, force_not_quantize=True).sample
-    return ((images + 1) / 2).clamp(0, 1)
+    return ((vqmodel_pixels(vq, codes, grid) + 1) / 2).clamp(0, 1)
 
 
 def render_tensor(state: sprites.SpriteState) -> Tensor:
