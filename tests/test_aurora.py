@@ -123,7 +123,7 @@ def test_tiny_config_fits_then_tests_on_the_converted_sample(tmp_path: Path) -> 
     )
     assert test.returncode == 0, test.stdout[-3000:] + test.stderr[-5000:]
     assert "test/fwm_psnr" in test.stdout and "test/idm_exact" in test.stdout
-    report = json.loads((tmp_path / "runs" / "aurorabench_tiny" / "version_1" / "test_metrics.json").read_text())
+    report = json.loads((run / "test_metrics.json").read_text())  # test logs into the run it tests
     rows = {row["task"]: row for row in report["rows"]}
     assert set(rows) == {"all"} | TASKS
     assert rows["all"]["pairs"] == 28 and sum(rows[t]["pairs"] for t in TASKS) == 28
