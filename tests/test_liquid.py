@@ -221,7 +221,7 @@ def test_idm_rollouts_score_as_sampled_and_one_liquid_serves_both_roles(fwm: Liq
         LiquidIDM.sharing(object())  # type: ignore[arg-type]
 
 
-def test_the_all_liquid_config_runs_sft_both_phases_and_test(tmp_path: Path) -> None:
+def test_the_all_liquid_config_runs_sft_and_both_phases(tmp_path: Path) -> None:
     """``configs/sprites_liquid.yaml`` through the CLI on a tiny schedule; the saved FWM loads as a Gemma LM."""
     from tests.test_cli import REPO, _run, _tiny_args
 
@@ -236,5 +236,3 @@ def test_the_all_liquid_config_runs_sft_both_phases_and_test(tmp_path: Path) -> 
     saved = run / "pretrained"
     assert isinstance(AutoModelForCausalLM.from_pretrained(saved / "iteration_1_phase1" / "fwm"), GemmaForCausalLM)
     assert LiquidIDM(str(saved / "iteration_1_phase2" / "idm"), image_size=32).lm.config.model_type == "gemma"
-    proc = _run(["test", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
-    assert proc.returncode == 0, proc.stderr[-5000:]
