@@ -312,6 +312,8 @@ _LIGHTNING_TIPS = _DropMessages(r"💡 Tip: .*\[lit(logger|models)\]\(https://py
 
 def mute_known_noise() -> None:
     """Silence the messages of Lightning and torch that every run prints and that ask nothing of a SWIRL user."""
+    # main() hands LightningCLI the command line itself when it resolves a packaged config.
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
     # SwirlModule optimises manually, and a checkpoint holds the weights after a step together with the schedule's
     # count of that step, so a resumed run goes on at the next one: the state Lightning's warning (with its page
     # of example code, on every run) asks whether we meant.
@@ -327,8 +329,42 @@ def mute_known_noise() -> None:
         logging.getLogger(name).addFilter(_LIGHTNING_TIPS)
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+"""The configs shipped inside the package (the repository's ``configs/`` links here), so a plain ``pip install``
+has them too."""
+
+_RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def with_packaged_configs(args: list[str]) -> list[str]:
+    """``args`` with ``--config configs/NAME.yaml`` read from the package when no such file is in the working folder,
+    and the embedded default (``configs/sprites.yaml``) given to a run subcommand that names no config at all."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        value, prefix = (out[i + 1], None) if arg == "--config" and i + 1 < len(out) else (None, None)
+        if arg.startswith("--config="):
+            value, prefix = arg.split("=", 1)[1], "--config="
+        if value is None or Path(value).exists():
+            continue
+        packaged = PACKAGED_CONFIGS / Path(value).name
+        if Path(value).parent.name == "configs" and packaged.is_file():
+            if prefix is None:
+                out[i + 1] = str(packaged)
+            else:
+                out[i] = prefix + str(packaged)
+    if out and out[0] in _RUN_SUBCOMMANDS and not any(a == "--config" or a.startswith("--config=") for a in out):
+        if not any(a in ("-h", "--help") or a.endswith(".help") for a in out):
+            default = PACKAGED_CONFIGS / "sprites.yaml"
+            print(f"[swirl] no --config given: running the embedded default, {default}", file=sys.stderr)
+            out[1:1] = ["--config", str(PACKAGED_CONFIGS / "sprites.yaml")]
+    return out
+
+
 def main(args: list[str] | None = None) -> SwirlCLI:
     mute_known_noise()
+    given = sys.argv[1:] if args is None else args
+    resolved = with_packaged_configs(given)
+    args = None if args is None and resolved == given else resolved
     subcommand_help = {
         "fit": f"SFT, then --schedule.iterations rounds of Phase I and Phase II. The SWIRL module's arguments: "
         f"{MODEL_HELP}; the data's: {DATA_HELP}."

@@ -111,3 +111,22 @@ def test_fit_prints_each_stage_warns_when_phase1_keeps_no_label_and_mutes_librar
     assert out.count("kept no pseudo-label") == 2, out[-3000:]
     for noise in ("litlogger", "in eval mode at the start", "has `__len__` defined", "LeafSpec", "`weights_only`"):
         assert noise not in out, noise
+
+
+def test_configs_come_with_the_package_and_fit_without_one_runs_the_embedded_default(tmp_path) -> None:
+    """From a folder without ``configs/`` (as after a plain ``pip install``): ``configs/NAME.yaml`` is read from the
+    package, and a run subcommand without ``--config`` gets ``configs/sprites.yaml``."""
+    import subprocess
+    import sys
+
+    def print_config(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "swirl_vl", "fit", *args, "--print_config"]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    named = print_config("--config", "configs/sprites_liquid.yaml")
+    assert named.returncode == 0, named.stderr[-2000:]
+    assert "swirl_vl.models.liquid.LiquidFWM" in named.stdout
+    default = print_config()
+    assert default.returncode == 0, default.stderr[-2000:]
+    assert "embedded default" in default.stderr and "swirl_vl.models.token_fwm.TokenFWM" in default.stdout
+    assert not any(tmp_path.iterdir()), "printing a config writes nothing"
