@@ -100,7 +100,7 @@ class SwirlCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         # Before any model loads (minutes for real checkpoints): every missing folder and shard split, at once.
         config = self.config[self.subcommand] if self.subcommand else self.config
-        missing = missing_inputs(config, self.subcommand or "")
+        missing = list(dict.fromkeys(missing_inputs(config, self.subcommand or "")))  # FWM and IDM may share a folder
         if missing:
             raise SystemExit(
                 f"swirl_vl {self.subcommand or ''}: missing inputs, nothing was run:\n"

@@ -173,9 +173,18 @@ def test_rollouts_score_as_sampled_and_save_round_trips(fwm: LiquidFWM, tmp_path
     assert (reloaded.image_size, reloaded.instruction) == (32, "Which action?")
 
 
-def test_a_missing_folder_names_the_downloads(tmp_path: Path) -> None:
+def test_a_missing_folder_names_the_downloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FileNotFoundError, match="Junfeng5/Liquid_V1_7B.*chameleon_vqgan"):
         LiquidFWM(str(tmp_path / "nothing"))
+    # The paper's config stops before loading anything, naming each missing input once (FWM and IDM share a folder).
+    from swirl_vl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", "configs/aurorabench_liquid.yaml"])
+    message = str(stop.value.code)
+    assert message.count("LiquidFWM checkpoint not found at 'checkpoints/Liquid_V1_7B'") == 1, message
+    assert message.count("vq_path 'checkpoints/chameleon_vq'") == 1 and "split 'test'" in message
 
 
 def paper_idm_prompt(tokenizer, x_codes: torch.Tensor, y_codes: torch.Tensor, instruction: str) -> list[int]:
