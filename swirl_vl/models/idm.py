@@ -83,10 +83,8 @@ class VLMIDM(InverseDynamicsModel):
         tokenizer.padding_side = "left"
         self.eos_token_id: int = tokenizer.eos_token_id
         self.pad_token_id: int = tokenizer.pad_token_id
-        gen_eos = self.model.generation_config.eos_token_id
-        gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
         # Any of these ends an answer (Qwen checkpoints stop on <|im_end|> or <|endoftext|>).
-        self.register_buffer("stop_token_ids", torch.tensor(sorted({self.eos_token_id, *gen_eos})), persistent=False)
+        self.register_buffer("stop_token_ids", stop_tokens(self.model, self.eos_token_id), persistent=False)
         # Multimodal-RoPE models (Qwen2-VL family) derive 3-D positions from the image grid themselves.
         self._mrope = hasattr(self.model.model, "get_rope_index")
 
@@ -188,17 +186,10 @@ class VLMIDM(InverseDynamicsModel):
     def _answer_logprobs(self, x: Tensor, y: Tensor, z: list[str]) -> tuple[Tensor, Tensor]:
         """Per-token log-probs ``(B, L)`` of ``z`` + end-of-sequence given the prompt, and their mask."""
         assert len(z) == x.shape[0], (len(z), x.shape)
-        ids = self.processor.tokenizer(list(z), add_special_tokens=False)["input_ids"]
-        answers = [row + [self.eos_token_id] for row in ids]
-        length = max(len(row) for row in answers)
-        completion = torch.full((len(answers), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(answers), length, dtype=torch.bool)
-        for i, row in enumerate(answers):
-            completion[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = True
+        completion, mask = padded_answers(self.processor.tokenizer, z, self.eos_token_id, self.pad_token_id)
         completion, mask = completion.to(self.device), mask.to(self.device)
         inputs = _extend(self._prompt_inputs(x, y), completion, mask)
-        return self._completion_logprobs(inputs, length), mask
+        return self._completion_logprobs(inputs, completion.shape[1]), mask
 
     def _completion_logprobs(
         self, inputs: Mapping[str, Tensor], length: int, temperature: float = 1.0, group_size: int = 1
@@ -237,6 +228,25 @@ def image_pair_inputs(processor: ProcessorMixin, x: Tensor, y: Tensor, prompts: 
     x, y = x.detach().float().clamp(0, 1), y.detach().float().clamp(0, 1)
     images = [[xi, yi] for xi, yi in zip(x, y)]
     return processor(text=texts, images=images, padding=True, do_rescale=False, return_tensors="pt")
+
+
+def padded_answers(tokenizer: Any, z: list[str], end_id: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Actions ``z`` tokenized, each followed by ``end_id``, right-padded: ids ``(B, L)`` and their mask ``(B, L)``."""
+    answers = [row + [end_id] for row in tokenizer(list(z), add_special_tokens=False)["input_ids"]]
+    length = max(map(len, answers))
+    completion = torch.full((len(answers), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(answers), length, dtype=torch.bool)
+    for i, row in enumerate(answers):
+        completion[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = True
+    return completion, mask
+
+
+def stop_tokens(model: Any, *end_ids: int | None) -> Tensor:
+    """Sorted ids that end a sampled answer: ``end_ids`` and the checkpoint's ``generation_config`` end tokens."""
+    configured = model.generation_config.eos_token_id
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return torch.tensor(sorted({*end_ids, *configured} - {None}))
 
 
 def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from typing_extensions import override
 
 from swirl_vl.models.base import InverseDynamicsModel, Rollout
 from swirl_vl.models.generation import RecordLogprobs, generate_groups, tail_logits
-from swirl_vl.models.idm import VLMIDM, selective_log_softmax
+from swirl_vl.models.idm import VLMIDM, padded_answers, selective_log_softmax, stop_tokens
 from swirl_vl.models.token_fwm import TokenFWM
 
 
@@ -92,10 +92,8 @@ class TokenIDM(InverseDynamicsModel):
         if self.eos_token_id is None:
             raise ValueError(f"{type(self).__name__} needs a tokenizer with an end-of-sequence token to end actions")
         self.register_buffer("code_token_ids", fwm.code_token_ids, persistent=False)
-        gen_eos = self.lm.generation_config.eos_token_id
-        gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
-        stops = {self.eos_token_id, self.tokenizer.eos_token_id, *gen_eos} - {None}
-        self.register_buffer("stop_token_ids", torch.tensor(sorted(stops)), persistent=False)
+        stops = stop_tokens(self.lm, self.eos_token_id, self.tokenizer.eos_token_id)
+        self.register_buffer("stop_token_ids", stops, persistent=False)
         self._pieces = self._prompt_pieces()
         # Everything that is not text: image codes, image brackets and a padded head's rows beyond the tokenizer.
         vocab = len(fwm.token_to_code)
@@ -168,17 +166,11 @@ class TokenIDM(InverseDynamicsModel):
         """Per-token log-probs ``(B, L)`` of ``z`` + end-of-sequence given the prompt, and their mask."""
         if len(z) != x.shape[0]:
             raise ValueError(f"{x.shape[0]} image pairs but {len(z)} actions")
-        answers = [row + [self.eos_token_id] for row in self.tokenizer(list(z), add_special_tokens=False)["input_ids"]]
-        length = max(map(len, answers))
-        completion = torch.full((len(answers), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(answers), length, dtype=torch.bool)
-        for i, row in enumerate(answers):
-            completion[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = True
+        completion, mask = padded_answers(self.tokenizer, z, self.eos_token_id, self.pad_id)
         completion, mask = completion.to(self.device), mask.to(self.device)
         ids, prompt_mask = self.prompt_ids(x, y)
         logp = self._completion_logprobs(
-            torch.cat([ids, completion], 1), torch.cat([prompt_mask, mask.long()], 1), length
+            torch.cat([ids, completion], 1), torch.cat([prompt_mask, mask.long()], 1), completion.shape[1]
         )
         return logp, mask
 
