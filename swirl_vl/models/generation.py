@@ -5,10 +5,12 @@ sampler's own log-probs, recorded as it samples (no second forward pass).
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import LogitsProcessor
 
@@ -40,6 +42,32 @@ class RecordLogprobs(LogitsProcessor):
             self._pending = None
         steps, self._steps = self._steps, []
         return torch.stack(steps, 1)
+
+
+class _RowHead(nn.Module):
+    """An output head that computes the logits of vocabulary ``rows`` only, with the full head's own weight."""
+
+    def __init__(self, head: nn.Linear, rows: Tensor) -> None:
+        super().__init__()
+        self.head, self.rows = head, rows
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        bias = None if self.head.bias is None else self.head.bias[self.rows]
+        return F.linear(hidden, self.head.weight[self.rows], bias)
+
+
+@contextmanager
+def head_rows(model: nn.Module, rows: Tensor) -> Iterator[None]:
+    """Within the block, ``model``'s forward returns logits over vocabulary ``rows`` only: ``(…, K)`` instead of
+    ``(…, V)``. Scoring 1,024 image positions of a 264k-word model then holds 8,192 logits per position, not 264k
+    (what follows the head, such as a logit soft-cap, is elementwise and unchanged). Gradients reach the kept rows
+    of the head's weight. Not for ``generate``, whose sampled ids index the whole vocabulary."""
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(_RowHead(head, rows))
+    try:
+        yield
+    finally:
+        model.set_output_embeddings(head)
 
 
 def left_pad_positions(attention_mask: Tensor) -> Tensor:

@@ -47,7 +47,7 @@ from swirl_vl.models.base import (
     write_folder_atomically,
     write_settings,
 )
-from swirl_vl.models.generation import LogitGuidance, RecordLogprobs, generate_groups, tail_logits
+from swirl_vl.models.generation import LogitGuidance, RecordLogprobs, generate_groups, head_rows, tail_logits
 from swirl_vl.models.image_tokenizer import load_image_tokenizer, resize_square
 from swirl_vl.models.text import build_text_tokenizer
 from swirl_vl.models.vq import SHIPPED_SPRITE_VQ
@@ -249,12 +249,14 @@ class TokenFWM(ForwardWorldModel):
         ``u + guidance_scale · (c − u)``, as ``sample`` drew them.
         """
         L = self.num_image_tokens
-        # Only the tail is scored (a real model's 200k-word head stays cheap), at the positions generate() uses.
-        logits = tail_logits(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask}, L, group_size)
-        logits = logits[..., self.code_token_ids].float()  # (N, L, K): t predicts t + 1
-        if unconditional is not None:
-            u = tail_logits(self.lm, unconditional, L, group_size)[..., self.code_token_ids].float()
-            logits = u + self.guidance_scale * (logits - u)
+        # Only the tail is scored, at the positions generate() uses, and the head computes the K code rows only
+        # (a real model's 264k-word head would otherwise dominate the memory of scoring 1,024 positions).
+        with head_rows(self.lm, self.code_token_ids):
+            logits = tail_logits(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask}, L, group_size)
+            logits = logits.float()  # (N, L, K): t predicts t + 1
+            if unconditional is not None:
+                u = tail_logits(self.lm, unconditional, L, group_size).float()
+                logits = u + self.guidance_scale * (logits - u)
         logits = logits / temperature
         targets = self.token_to_code[input_ids[:, -L:]]  # (N, L)
         return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

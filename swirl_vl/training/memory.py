@@ -29,16 +29,19 @@ def parameter_bytes(params: Iterable[nn.Parameter]) -> int:
     return sum(p.numel() * p.element_size() for p in unique.values())
 
 
-def decoder_activation_bytes(config: Any, rows: int, tokens: int, scored: int, element_size: int = 4) -> int:
+def decoder_activation_bytes(
+    config: Any, rows: int, tokens: int, scored: int, element_size: int = 4, head_rows: int | None = None
+) -> int:
     """Activations a decoder-only transformer keeps for backward over ``rows × tokens`` positions.
 
     Per position and layer: the layer's inputs to its norms, projections and MLP, ``8·h + 3·i`` values (``h``
     hidden, ``i`` MLP width), and one row of attention probabilities per head (``heads × tokens``). Plus, for the
-    ``rows × scored`` positions whose log-probs are taken, the logits and their gradient (``2 × vocab``, float32).
+    ``rows × scored`` positions whose log-probs are taken, the logits and their gradient (``2 × vocab``, float32;
+    ``head_rows``: the head computes that many vocabulary rows only, as a token FWM's image-code head does).
     """
     h, i = config.hidden_size, config.intermediate_size
     per_position = config.num_hidden_layers * (8 * h + 3 * i + config.num_attention_heads * tokens) * element_size
-    return rows * tokens * per_position + rows * scored * 2 * config.vocab_size * 4
+    return rows * tokens * per_position + rows * scored * 2 * (head_rows or config.vocab_size) * 4
 
 
 def rollout_activation_bytes(policy: nn.Module, rows: int, group_size: int) -> int | None:
@@ -50,8 +53,10 @@ def rollout_activation_bytes(policy: nn.Module, rows: int, group_size: int) -> i
     from swirl_vl.models.token_fwm import TokenFWM
     from swirl_vl.models.token_idm import TokenIDM
 
+    head_rows = None
     if isinstance(policy, TokenFWM):
         config, prompt, scored = policy.lm.config, policy.num_image_tokens + 24, policy.num_image_tokens
+        head_rows = len(policy.code_token_ids)  # code_logprobs' head computes the image codes only
     elif isinstance(policy, TokenIDM):
         config, prompt, scored = policy.lm.config, 2 * policy.num_image_tokens + 5, policy.max_new_tokens
     elif isinstance(policy, VLMIDM):
@@ -62,7 +67,7 @@ def rollout_activation_bytes(policy: nn.Module, rows: int, group_size: int) -> i
     else:
         return None
     element_size = next(policy.parameters()).element_size()
-    tail = decoder_activation_bytes(config, rows, scored, scored, element_size)
+    tail = decoder_activation_bytes(config, rows, scored, scored, element_size, head_rows)
     head = decoder_activation_bytes(config, max(rows // group_size, 1), prompt, 0, element_size)
     return tail + head
 
