@@ -155,3 +155,20 @@ def test_gradient_checkpointing_keeps_the_gradients(folder: Path) -> None:
         grads.append([p.grad for p in fwm.lm.parameters()])
     for plain, recomputed in zip(*grads):
         torch.testing.assert_close(plain, recomputed, atol=1e-5, rtol=1e-4)
+
+
+def test_head_rows_gives_the_full_heads_columns_and_their_gradients(fwm: TokenFWM) -> None:
+    from swirl_vl.models.generation import head_rows
+
+    ids = torch.randint(0, len(fwm.tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
+    rows = fwm.code_token_ids
+    weight = fwm.lm.get_output_embeddings().weight
+    full = fwm.lm(input_ids=ids).logits[..., rows]
+    (full_grad,) = torch.autograd.grad(full.square().sum(), weight)
+    with head_rows(fwm.lm, rows):
+        kept = fwm.lm(input_ids=ids).logits
+    (kept_grad,) = torch.autograd.grad(kept.square().sum(), weight)
+    assert kept.shape == (2, 9, len(rows))
+    torch.testing.assert_close(kept, full)
+    torch.testing.assert_close(kept_grad, full_grad)
+    assert fwm.lm(input_ids=ids).logits.shape[-1] == weight.shape[0]  # the whole head is back after the block
