@@ -245,3 +245,17 @@ def test_the_all_liquid_config_runs_sft_and_both_phases(tmp_path: Path) -> None:
     saved = run / "pretrained"
     assert isinstance(AutoModelForCausalLM.from_pretrained(saved / "iteration_1_phase1" / "fwm"), GemmaForCausalLM)
     assert LiquidIDM(str(saved / "iteration_1_phase2" / "idm"), image_size=32).lm.config.model_type == "gemma"
+
+
+def test_unconditional_dropout_trains_the_branch_guidance_subtracts(folder: Path) -> None:
+    x, y, z = sprite_pairs(2)
+    always = LiquidFWM(str(folder), image_size=32, unconditional_dropout=1.0)
+    unconditional = -always.code_logprobs(*always.pair_ids(x, z, y, unconditional=[True, True])).mean()
+    conditional = -always.code_logprobs(*always.pair_ids(x, z, y)).mean()
+    always.train()
+    torch.testing.assert_close(always.sft_loss(x, z, y), unconditional)
+    always.eval()  # evaluation never drops: the loss is the conditional one
+    torch.testing.assert_close(always.sft_loss(x, z, y), conditional)
+    assert not torch.allclose(unconditional, conditional)
+    with pytest.raises(ValueError, match="unconditional_dropout"):
+        LiquidFWM(str(folder), image_size=32, unconditional_dropout=1.5)

@@ -55,6 +55,7 @@ class LiquidFWM(TokenFWM):
         image_size: int | None = None,
         instruction: str | None = None,
         guidance_scale: float = 1.0,
+        unconditional_dropout: float = 0.0,
         gradient_checkpointing: bool = False,
     ) -> None:
         """
@@ -70,11 +71,16 @@ class LiquidFWM(TokenFWM):
             guidance_scale: classifier-free guidance on the logits when sampling, against the prompt
                 ``<boi> x <eoi> \\n <unconditional> <boi>`` (the paper's code: ``cfg_scale``); 1 samples unguided.
                 GRPO then scores the guided policy it sampled; likelihoods (SFT, the Phase II reward) stay unguided.
+            unconditional_dropout: share of SFT examples trained after the unconditional prompt instead (keeps the
+                branch that guidance subtracts trained; 0 by default).
             gradient_checkpointing: recompute the language model's activations in backward.
         """
         saved = saved_settings(path)
         self.instruction = instruction if instruction is not None else saved.get("edit_instruction", FWM_INSTRUCTION)
         self.guidance_scale = guidance_scale
+        if not 0 <= unconditional_dropout <= 1:
+            raise ValueError(f"unconditional_dropout must be in [0, 1]; got {unconditional_dropout}")
+        self.unconditional_dropout = unconditional_dropout
         super().__init__(path, build_tiny, seed, vq_path, image_size, gradient_checkpointing)
 
     default_image_size = 512

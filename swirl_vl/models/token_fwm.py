@@ -174,6 +174,10 @@ class TokenFWM(ForwardWorldModel):
     default_image_size = 32
     """The image side of a folder without saved settings (the shipped sprite VQ's)."""
 
+    unconditional_dropout: float = 0.0
+    """Share of SFT examples trained after the unconditional prompt, so that guidance has a trained unconditional
+    branch (families with an unconditional prompt take it as an argument)."""
+
     guidance_scale: float = 1.0
     """Classifier-free guidance on the logits when sampling (1: none); families with an unconditional prompt
     (``_unconditional_rows``) take it as an argument."""
@@ -208,11 +212,19 @@ class TokenFWM(ForwardWorldModel):
         """VQ codes ``(N, L)`` → images ``(N, 3, image_size, image_size)`` in ``[0, 1]``."""
         return self.vq.decode(codes, self.grid)
 
-    def prompt_ids(self, x: Tensor, z: list[str], group_size: int = 1) -> tuple[Tensor, Tensor]:
-        """Left-padded prompts (``_prompt_rows``): ids and attention mask, both ``(B, T)``."""
+    def prompt_ids(
+        self, x: Tensor, z: list[str], group_size: int = 1, unconditional: list[bool] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Left-padded prompts (``_prompt_rows``): ids and attention mask, both ``(B, T)``. ``unconditional``: rows
+        that get the prompt without the action instead (``_unconditional_rows``; SFT's guidance dropout)."""
         if len(z) != x.shape[0]:
             raise ValueError(f"{x.shape[0]} images but {len(z)} actions")
-        return self._left_padded(self._prompt_rows(self.code_token_ids[self.encode_images(x, group_size)].tolist(), z))
+        x_tokens = self.code_token_ids[self.encode_images(x, group_size)].tolist()
+        rows = self._prompt_rows(x_tokens, z)
+        if unconditional is not None and any(unconditional):
+            plain = self._unconditional_rows(x_tokens)
+            rows = [u if drop else c for c, u, drop in zip(rows, plain, unconditional)]
+        return self._left_padded(rows)
 
     def unconditional_prompt_ids(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Left-padded prompts without the action (``_unconditional_rows``), for classifier-free guidance."""
@@ -227,9 +239,11 @@ class TokenFWM(ForwardWorldModel):
             mask[i, width - len(row) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def pair_ids(self, x: Tensor, z: list[str], y: Tensor, group_size: int = 1) -> tuple[Tensor, Tensor]:
+    def pair_ids(
+        self, x: Tensor, z: list[str], y: Tensor, group_size: int = 1, unconditional: list[bool] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Prompt followed by ``y``'s code tokens: ids and attention mask ``(B, T + L)``."""
-        ids, mask = self.prompt_ids(x, z, group_size)
+        ids, mask = self.prompt_ids(x, z, group_size, unconditional)
         y_tokens = self.code_token_ids[self.encode_images(y, group_size)]  # (B, L)
         return torch.cat([ids, y_tokens], 1), torch.cat([mask, torch.ones_like(y_tokens)], 1)
 
@@ -265,8 +279,12 @@ class TokenFWM(ForwardWorldModel):
 
     @override
     def sft_loss(self, x: Tensor, z: list[str], y: Tensor) -> Tensor:
-        """Mean negative log-likelihood of ``y``'s ``L`` code tokens (restricted policy), over the batch."""
-        return -self.code_logprobs(*self.pair_ids(x, z, y)).mean()
+        """Mean negative log-likelihood of ``y``'s ``L`` code tokens (restricted policy), over the batch; with
+        ``unconditional_dropout``, that share of examples (in training) is scored after the unconditional prompt."""
+        unconditional = None
+        if self.training and self.unconditional_dropout > 0:
+            unconditional = (torch.rand(len(z)) < self.unconditional_dropout).tolist()
+        return -self.code_logprobs(*self.pair_ids(x, z, y, unconditional=unconditional)).mean()
 
     @override
     @torch.no_grad()
