@@ -183,6 +183,13 @@ def test_fit_sft_then_swirl_writes_events_images_checkpoint_and_table(tmp_path, 
     assert yaml.safe_load((run / "config.yaml").read_text())["ckpt_path"] is None
     assert json.loads((run / "test_metrics.json").read_text())["skipped"] == {}
     assert "test/fwm_state_acc" in _tensorboard_tags(run)["scalars"]
+    # ... at the training step the checkpoint was written at, beside the run's last training scalars (not step 0).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    last_train_step = max(e.step for e in events.Scalars("stage"))
+    assert [e.step for e in events.Scalars("test/fwm_state_acc")] == [last_train_step + 1]
 
 
 def _checkpoint_state(path: Path) -> dict:

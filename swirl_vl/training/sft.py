@@ -42,7 +42,7 @@ def finish_test_report(module: LightningModule, table: MetricTable) -> None:
     if per_task and module.global_rank == 0:
         # Straight to the loggers: a console results table with a row per task and metric would bury the rest.
         for logger in module.loggers:
-            logger.log_metrics(per_task, step=module.global_step)
+            logger.log_metrics(per_task, step=module.trainer.fit_loop.epoch_loop._batches_that_stepped)
     trainer = module.trainer
     log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
     skipped = data_skipped(trainer)  # a collective too

@@ -240,6 +240,7 @@ class SwirlModule(LightningModule):
         self._base_lrs: list[list[float]] = []
         self.memory_plan: MemoryPlan | None = None
         self._nonfinite_in_row = 0
+        self._checkpoint_batches: int | None = None  # the training step of a loaded checkpoint (for test's scalars)
         self._step_chunks = 1
         self._last_step_stage: str | None = None  # the stage of the previous training step in this process
 
@@ -347,6 +348,8 @@ class SwirlModule(LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        epoch_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+        self._checkpoint_batches = epoch_loop.get("_batches_that_stepped")
         # References are created mid-run; make room for them before Lightning loads the state dict.
         state = checkpoint["state_dict"]
         for which, file in checkpoint.get("swirl_reference_files", {}).items():
@@ -653,6 +656,14 @@ class SwirlModule(LightningModule):
                 self.fwm.log_outputs(batch, y_hat, f"{split}/fwm", self.global_step)
             if self.idm.log_images:
                 self.idm.log_outputs(batch, texts, f"{split}/idm", self.global_step)
+
+    @override
+    def on_test_start(self) -> None:
+        # `test` restores the weights but not the loops, so its scalars would sit at step 0 of the run they test:
+        # put them at the training step the checkpoint was written at (the x of the run's training scalars).
+        epoch_loop = self.trainer.fit_loop.epoch_loop
+        if self._checkpoint_batches is not None:  # never backwards (a test after fit in the same process)
+            epoch_loop._batches_that_stepped = max(epoch_loop._batches_that_stepped, self._checkpoint_batches)
 
     @override
     def on_test_epoch_start(self) -> None:
