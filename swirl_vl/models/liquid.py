@@ -22,19 +22,18 @@ trained on a seed corpus) and an image tokenizer in ``vq/`` (default: the shippe
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, trainers
-from transformers import GemmaConfig, GemmaForCausalLM, GemmaTokenizer, GenerationConfig
+from transformers import GemmaConfig, GemmaForCausalLM, GemmaTokenizer
 from typing_extensions import override
 
-from swirl_vl.models.base import InverseDynamicsModel, Rollout, saved_settings, write_folder_atomically
+from swirl_vl.models.base import InverseDynamicsModel, Rollout, saved_settings
 from swirl_vl.models.image_tokenizer import load_image_tokenizer
 from swirl_vl.models.text import _SEED_CORPUS
-from swirl_vl.models.token_fwm import TokenFWM
+from swirl_vl.models.token_fwm import TokenFWM, write_tiny_lm_folder
 from swirl_vl.models.token_idm import TokenIDM
 from swirl_vl.models.vq import SHIPPED_SPRITE_VQ
 
@@ -182,19 +181,7 @@ def build_tiny_liquid(path: str | Path, seed: int = 0, vq_path: str | Path | Non
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GemmaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.copytree(vq_source, tmp / "vq")
-
-    return write_folder_atomically(path, write)
+    return write_tiny_lm_folder(path, GemmaForCausalLM, config, tokenizer, seed, vq_source)
 
 
 IDM_INSTRUCTION = (

@@ -419,9 +419,17 @@ def build_tiny_token_fwm(path: str | Path, seed: int = 0, vq_path: str | Path | 
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return write_tiny_lm_folder(path, LlamaForCausalLM, config, tokenizer, seed, vq_source)
+
+
+def write_tiny_lm_folder(
+    path: Path, model_class: type, config: Any, tokenizer: Any, seed: int, vq_source: Path
+) -> Path:
+    """Build ``model_class(config)`` under ``seed`` and write it with ``tokenizer`` and a copy of the image tokenizer
+    ``vq_source`` in ``vq/`` to ``path``, atomically (the tiny token-model builders' shared last step)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
