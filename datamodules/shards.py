@@ -3,6 +3,12 @@
 One sample = one trajectory: ``{key}.0.png``, ``{key}.1.png``, … (or ``.jpg``), ``{key}.actions.json``
 (``T-1`` entries, text or null) and ``{key}.meta.json`` (``{"task", "source", ...}``). Bad samples and bad
 shards are skipped and counted in a ``SkipCounter``, never fatal and never silent.
+
+An *open* trajectory (``meta["open"]`` true) has ``T`` actions: its last action's next state was never observed (a
+benchmark entry that gives a source image and an instruction but no target, such as Aurora-Bench's ``clevr``,
+``emu`` and ``epic``). It may hold a single state. The flag is explicit so that a closed trajectory that lost its
+last frame is never taken for an open one. Only evaluation reads open steps (``open_steps=True``); elsewhere such a sample is
+skipped and counted as ``no_target``.
 """
 
 from __future__ import annotations
@@ -43,12 +49,14 @@ SKIP_REASONS = (
     "bad_action",
     "bad_task",
     "task",
+    "no_target",
 )
 
 
 @dataclass
 class Trajectory:
-    """A trajectory to write: ``T`` images (PIL, or PNG/JPEG bytes kept as they are), ``T-1`` actions."""
+    """A trajectory to write: ``T`` images (PIL, or PNG/JPEG bytes kept as they are), ``T-1`` actions (``T`` for an
+    open trajectory, ``meta["open"]`` true, whose last action has no observed next state)."""
 
     key: str
     images: list[Image.Image | bytes]
@@ -65,6 +73,11 @@ class DecodedTrajectory:
     actions: list[str | None]
     meta: dict[str, Any]
     url: str = ""
+
+    @property
+    def open_ended(self) -> bool:
+        """Whether the last action's next state is unknown (``meta["open"]``: ``T`` actions for ``T`` states)."""
+        return self.meta.get("open") is True
 
     def task_at(self, t: int) -> str:
         """Task of step ``t``: per-step ``meta["tasks"]`` when present (sprites), else ``meta["task"]``; "" if none."""
@@ -140,10 +153,16 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def _check(traj: Trajectory) -> None:
     if not traj.key or "." in traj.key or "/" in traj.key:
         raise ValueError(f"trajectory key {traj.key!r} must be non-empty with no '.' or '/' (webdataset splits there)")
-    if len(traj.images) < 2:
-        raise ValueError(f"trajectory {traj.key}: needs at least 2 images, got {len(traj.images)}")
-    if len(traj.actions) != len(traj.images) - 1:
-        raise ValueError(f"trajectory {traj.key}: {len(traj.images)} images need {len(traj.images) - 1} actions")
+    n = len(traj.images)
+    if traj.meta.get("open") is True:  # the last action's next state is unknown
+        if n < 1 or len(traj.actions) != n:
+            raise ValueError(f"open trajectory {traj.key}: {n} images need {n} actions, the last without its state")
+        if not (isinstance(traj.actions[-1], str) and traj.actions[-1].strip()):
+            raise ValueError(f"open trajectory {traj.key}: the last action must be a non-empty string")
+    elif n < 2:
+        raise ValueError(f"trajectory {traj.key}: needs at least 2 images, got {n} (or meta 'open' for a last action)")
+    elif len(traj.actions) != n - 1:
+        raise ValueError(f"trajectory {traj.key}: {n} images need {n - 1} actions")
     if not all(a is None or isinstance(a, str) for a in traj.actions):
         raise ValueError(f"trajectory {traj.key}: actions must be strings or None")
 
@@ -273,11 +292,13 @@ def decode_trajectory(
     image_size: int | None,
     tasks: Iterable[str] | None = None,
     labelled: bool = False,
+    open_steps: bool = False,
 ) -> DecodedTrajectory:
     """Raw sample → ``DecodedTrajectory``; raises ``SampleError`` (a ``ValueError``) when unusable.
 
     ``labelled`` (labelled, val and test data): every step needs a non-empty action and a task; otherwise
     actions that are not non-empty strings become None. ``tasks``: keep only trajectories with a step in these.
+    ``open_steps``: accept an open trajectory (its last action has no next state; evaluation only).
     """
     key = str(sample.get("__key__", "?"))
     where = f"sample {key} in {sample.get('__url__', '?')}"
@@ -292,27 +313,35 @@ def decode_trajectory(
                     "duplicate_member", f"{where}: frame {m.group(1)} given twice ({frames[int(m.group(1))]}, {name})"
                 )
             frames[int(m.group(1))] = name
-    length = len(frames)
-    if length < 2 or sorted(frames) != list(range(length)):
-        raise SampleError("missing_state", f"{where}: frames {sorted(frames)} are not 0..T-1 with T >= 2")
+    length, is_open = len(frames), meta.get("open") is True
+    if length < 2 - is_open or sorted(frames) != list(range(length)):
+        at_least = "T >= 1 (open)" if is_open else "T >= 2"
+        raise SampleError("missing_state", f"{where}: frames {sorted(frames)} are not 0..T-1 with {at_least}")
     if "actions.json" in sample:
         actions = _load_json(sample, "actions.json", where)
     elif labelled:
         raise SampleError("missing_actions", f"{where}: no actions.json in a split that needs actions")
     else:
         actions = [None] * (length - 1)  # state-only data
-    if not isinstance(actions, list) or len(actions) != length - 1:
-        raise SampleError("actions_length", f"{where}: {length} frames need a list of {length - 1} actions")
+    if is_open and not open_steps:
+        raise SampleError(
+            "no_target", f"{where}: its last action has no next state; only the test split evaluates such steps"
+        )
+    if not isinstance(actions, list) or len(actions) != length - 1 + is_open:
+        need = f"{length} actions, the last open" if is_open else f"{length - 1} actions"
+        raise SampleError("actions_length", f"{where}: {length} frames need a list of {need}")
     usable = [isinstance(a, str) and a.strip() != "" for a in actions]
+    if is_open and not usable[-1]:
+        raise SampleError("bad_action", f"{where}: the open last action is empty or not a string: {actions[-1]!r}")
     if labelled and not all(usable):
         raise SampleError("bad_action", f"{where}: empty or non-string action in {actions!r}")
     actions = [a.strip() if ok else None for a, ok in zip(actions, usable)]
     record = DecodedTrajectory(key, torch.empty(0), actions, meta, str(sample.get("__url__", "")))
-    if labelled and not all(record.task_at(t).strip() for t in range(length - 1)):
+    if labelled and not all(record.task_at(t).strip() for t in range(len(actions))):
         raise SampleError("bad_task", f"{where}: task {meta.get('task')!r} is not a non-empty string")
     if tasks is not None:
         wanted = set(tasks)
-        if not any(record.task_at(t) in wanted for t in range(length - 1)):
+        if not any(record.task_at(t) in wanted for t in range(len(actions))):
             raise SampleError("task", f"{where}: task {meta.get('task')!r} not in {sorted(wanted)}")
     try:
         images = [decode_image(sample[frames[t]], image_size) for t in range(length)]
@@ -383,10 +412,11 @@ def iter_trajectories(
     skipped: SkipCounter,
     tasks: Iterable[str] | None = None,
     labelled: bool = False,
+    open_steps: bool = False,
 ) -> Iterator[DecodedTrajectory]:
     """Decoded trajectories of the given shards, in order; bad samples are skipped and counted."""
     for sample in iter_samples(urls, skipped):
         try:
-            yield decode_trajectory(sample, image_size, tasks, labelled)
+            yield decode_trajectory(sample, image_size, tasks, labelled, open_steps)
         except SampleError as exn:
             skipped.record(exn.reason, exn.detail)

@@ -3,7 +3,9 @@
 A pair batch is a dict::
 
     x        (B, 3, H, W) float in [0, 1]   state before the action
-    y        (B, 3, H, W) float in [0, 1]   state after the action
+    y        (B, 3, H, W) float in [0, 1]   state after the action; NaN where it is unknown (see has_target)
+    has_target (B,) bool                    whether y was observed: False for an open step (a benchmark entry
+                                            with a source and an instruction only), which only the test split has
     action   list[str]   the action text; "" for the unlabelled split (the others skip trajectories lacking one)
     task     list[str]   task of the step (sprites: the action type)
     key      list[str]   "{trajectory key}/{step}"
@@ -56,7 +58,8 @@ _SPLIT_SOURCES = {
 
 
 def expand_pairs(traj: DecodedTrajectory, with_actions: bool, tasks: Iterable[str] | None = None) -> Iterator[Pair]:
-    """The (x_t, x_{t+1}, action_t) pairs of a trajectory, optionally only the steps whose task is in ``tasks``."""
+    """The (x_t, x_{t+1}, action_t) pairs of a trajectory, optionally only the steps whose task is in ``tasks``;
+    an open trajectory's last pair has ``"y": None``."""
     wanted = None if tasks is None else set(tasks)
     states = traj.meta.get("states")
     if not (isinstance(states, list) and len(states) == len(traj.images)):
@@ -65,20 +68,23 @@ def expand_pairs(traj: DecodedTrajectory, with_actions: bool, tasks: Iterable[st
         task = traj.task_at(t)
         if wanted is not None and task not in wanted:
             continue
+        observed = t + 1 < len(traj.images)
         yield {
             "x": traj.images[t],
-            "y": traj.images[t + 1],
+            "y": traj.images[t + 1] if observed else None,
             "action": (traj.actions[t] or "") if with_actions else "",
             "task": task,
             "key": f"{traj.key}/{t}",
             "x_state": json.dumps(states[t]) if states else "",
-            "y_state": json.dumps(states[t + 1]) if states else "",
+            "y_state": json.dumps(states[t + 1]) if states and observed else "",
         }
 
 
 def collate_pairs(pairs: list[Pair]) -> Pair:
-    """Stack images, keep text fields as lists."""
-    batch: Pair = {"x": torch.stack([p["x"] for p in pairs]), "y": torch.stack([p["y"] for p in pairs])}
+    """Stack images (an unknown ``y`` becomes NaN, flagged False in ``has_target``), keep text fields as lists."""
+    x = torch.stack([p["x"] for p in pairs])
+    y = [p["y"] if p["y"] is not None else torch.full_like(p["x"], float("nan")) for p in pairs]
+    batch: Pair = {"x": x, "y": torch.stack(y), "has_target": torch.tensor([p["y"] is not None for p in pairs])}
     for name in ("action", "task", "key", "x_state", "y_state"):
         batch[name] = [p[name] for p in pairs]
     return batch
@@ -304,12 +310,14 @@ class TrajectoryDataModule(L.LightningDataModule):
 
         The unlabelled split comes with its actions blanked to None: it is state-only by definition. The other
         splits keep only trajectories with an action and a task at every step, so that evaluation never runs
-        under an empty instruction; the rest are counted in ``skipped``.
+        under an empty instruction; the rest are counted in ``skipped``. Only the test split keeps open
+        trajectories (a last action without its next state); the others count them as ``no_target``.
         """
         if split not in self._trajectories:
             shards = self.shards(split)
             labelled = split != "unlabelled"
-            trajs = list(iter_trajectories(shards, self.image_size, self._skipped[split], self.tasks, labelled))
+            skipped, open_steps = self._skipped[split], split == "test"
+            trajs = list(iter_trajectories(shards, self.image_size, skipped, self.tasks, labelled, open_steps))
             if not trajs:
                 raise RuntimeError(f"split '{split}': no valid trajectory in {shards}; skipped: {self.skipped[split]}")
             if split == "unlabelled":

@@ -9,7 +9,8 @@ temporary name and renamed, so a reader never sees half of one.
 
 Output folder (default ``<log_dir>/predictions``)::
 
-    index.jsonl        {"index", "key", "task", "action", "idm_action", "y_hat": "y_hat/<trajectory>/<t>.png", metrics}
+    index.jsonl        {"index", "key", "task", "action", "has_target", "idm_action", "y_hat": "y_hat/<trajectory>/<t>.png",
+                        metrics (null where a metric has no answer, e.g. the target metrics of a pair without y)}
     y_hat/<trajectory>/<t>.png
     rollouts.jsonl     {"key", "turn", "task", "action", "image": "rollouts/<trajectory>/<turn>.png"}
     rollouts/<trajectory>/<turn>.png
@@ -39,7 +40,7 @@ from typing_extensions import override
 
 from datamodules.shards import DecodedTrajectory
 from datamodules.trajectory import STAGE_SPLITS
-from swirl_vl.eval.rollout import rollout
+from swirl_vl.eval.rollout import rollable, rollout
 
 PREDICT_SPLIT = STAGE_SPLITS["predict"][0]
 
@@ -77,9 +78,9 @@ def pair_file(key: str) -> str:
 def rollout_images(
     fwm: Any, trajectories: Sequence[DecodedTrajectory], batch_size: int, device: torch.device
 ) -> list[tuple[DecodedTrajectory, Tensor]]:
-    """Greedy multi-turn rollouts ``(K, 3, H, W)`` of each trajectory with known actions, from its first state;
-    trajectories of one length are batched ``batch_size`` at a time."""
-    usable = sorted((t for t in trajectories if all(t.actions)), key=lambda t: len(t.actions))
+    """Greedy multi-turn rollouts ``(K, 3, H, W)`` of each trajectory with known actions and next states, from its
+    first state; trajectories of one length are batched ``batch_size`` at a time."""
+    usable = sorted((t for t in trajectories if rollable(t)), key=lambda t: len(t.actions))
     out = []
     for _, same_length in groupby(usable, key=lambda t: len(t.actions)):
         group = list(same_length)
@@ -153,14 +154,16 @@ class PredictionWriter(BasePredictionWriter):
             key = prediction["key"][i]
             relative = pair_file(key)
             write_atomically(self.output_dir / relative, png_bytes(prediction["y_hat"][i]))
-            metrics = {name: round(float(values[i]), 6) for name, values in prediction["metrics"].items()}
+            metrics = {name: _json_number(values[i]) for name, values in prediction["metrics"].items()}
+            has_target = bool(prediction["has_target"][i])
             self._rows.append(
                 {
                     "index": index,
                     "key": key,
                     "task": prediction["task"][i],
                     "action": prediction["action"][i],
-                    "idm_action": prediction["idm_action"][i],
+                    "has_target": has_target,
+                    "idm_action": prediction["idm_action"][i] if has_target else None,
                     "y_hat": relative,
                     **metrics,
                 }
@@ -213,6 +216,12 @@ class PredictionWriter(BasePredictionWriter):
         return out
 
 
+def _json_number(value: Tensor) -> float | None:
+    """A metric value for JSON: rounded, None for NaN (JSON has no NaN)."""
+    value = float(value)
+    return None if value != value else round(value, 6)
+
+
 def _img(image: Tensor, scale: int = 4) -> str:
     data = base64.b64encode(png_bytes(image)).decode()
     width = image.shape[-1] * scale
@@ -232,10 +241,14 @@ def contact_sheet(
         "<table><tr><th>key</th><th>x</th><th>ŷ</th><th>y</th><th>true action / IDM action (greedy)</th></tr>",
     ]
     for row, x, y_hat, y in pairs:
-        actions = f"{e(row['action'])}<br><i>IDM:</i> {e(row['idm_action'])}"
+        if row["has_target"]:
+            target, idm = _img(y), e(row["idm_action"])
+        else:
+            target, idm = "<i>no target</i>", "<i>– (needs y)</i>"
+        actions = f"{e(row['action'])}<br><i>IDM:</i> {idm}"
         lines.append(
             f"<tr><td>{e(row['key'])}<br><small>{e(row['task'])}</small></td>"
-            f"<td>{_img(x)}</td><td>{_img(y_hat)}</td><td>{_img(y)}</td><td>{actions}</td></tr>"
+            f"<td>{_img(x)}</td><td>{_img(y_hat)}</td><td>{target}</td><td>{actions}</td></tr>"
         )
     lines.append("</table>")
     shown = [(rows, images) for _, rows, images in rollouts if images is not None]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from datamodules.convert import aurora, convert_aurora, main
@@ -84,7 +85,7 @@ def test_bad_entries_are_skipped_and_reported(tmp_path: Path, capsys: pytest.Cap
     Image.new("RGB", (8, 8)).save(outside)
     bad = [
         {**good, "output": "img/missing.png"},
-        {**good, "output": None},
+        {**good, "input": None},
         {**good, "instruction": "  "},
         {**good, "instruction": 7},
         {**good, "output": "img/broken.png"},
@@ -101,7 +102,7 @@ def test_bad_entries_are_skipped_and_reported(tmp_path: Path, capsys: pytest.Cap
     captured = capsys.readouterr()
     assert captured.out.strip() == (
         "written 3 pairs in 1 shards; skipped 11 "
-        "(bad_image 2, bad_task 3, empty_instruction 2, missing_file 1, no_output 1, outside_root 2)"
+        "(bad_image 2, bad_task 3, empty_instruction 2, missing_file 1, no_input 1, outside_root 2)"
     )
     assert "entry 3: missing_file" in captured.err and "missing.png" in captured.err
     assert "entry 9: outside_root" in captured.err and "entry 10: outside_root" in captured.err
@@ -174,3 +175,31 @@ def test_invalid_json_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and str(root / "test.json") in err and "not valid JSON" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_entries_without_a_target_become_open_pairs_for_the_test_split_only(tmp_path: Path) -> None:
+    # As the whole benchmark gives its clevr/emu/epic entries: no "output" key, sometimes "id" or "type".
+    root = tmp_path / "root"
+    entries = _layout(root, 2)
+    entries += [
+        {"id": "005422", "instruction": "the tiny yellow cylinder turns brown", "input": "img/0-in.png", "task": "clevr"},
+        {"instruction": "Make it into Conceptual Art.", "input": "img/1-in.png", "type": "style", "task": "emu"},
+    ]
+    (root / "test.json").write_text(json.dumps(entries))
+    report = convert_aurora(root, root / "test.json", tmp_path / "out")
+    assert (report.written, report.pairs, report.target_free) == (4, 4, 2)
+    assert report.summary().startswith("written 4 pairs (2 without a target, for test only) in 1 shards")
+    shards = [str(p) for p in report.shards]
+    skipped = SkipCounter()
+    test = list(iter_trajectories(shards, None, skipped, labelled=True, open_steps=True))
+    assert skipped.as_dict() == {}
+    closed, clevr, emu = test[0], test[2], test[3]
+    assert not closed.open_ended and closed.images.shape[0] == 2 and len(closed.actions) == 1
+    assert clevr.open_ended and clevr.images.shape[0] == 1 and clevr.actions == ["the tiny yellow cylinder turns brown"]
+    assert (clevr.meta["task"], clevr.meta["id"], emu.meta["type"]) == ("clevr", "005422", "style")
+    assert torch.equal(clevr.images[0], test[0].images[0])  # its source is the image named by "input"
+    # Any other split (training, validation) skips them, counted.
+    skipped = SkipCounter()
+    with pytest.warns(UserWarning, match="no_target"):
+        assert len(list(iter_trajectories(shards, None, skipped, labelled=True))) == 2
+    assert skipped.as_dict() == {"no_target": 2}

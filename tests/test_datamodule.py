@@ -14,7 +14,7 @@ from datamodules import trajectory
 from datamodules.sprites import SpriteState, apply, parse, write_sprite_splits
 from datamodules.trajectory import SpriteDataModule, TrajectoryDataModule
 
-KEYS = {"x", "y", "action", "task", "key", "x_state", "y_state"}
+KEYS = {"x", "y", "has_target", "action", "task", "key", "x_state", "y_state"}
 SMALL = {"labelled": 20, "unlabelled": 40, "val": 10, "test": 6, "length": 3, "test_length": 4, "shard_size": 16}
 
 
@@ -27,6 +27,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _check_batch(batch: dict, size: int, hidden_actions: bool) -> None:
     assert set(batch) == KEYS
+    assert batch["has_target"].dtype == torch.bool and batch["has_target"].all()  # every sprite step has its state
     assert batch["x"].shape == batch["y"].shape == (size, 3, 32, 32) and batch["x"].dtype == torch.float32
     assert 0 <= batch["x"].min() and batch["x"].max() <= 1
     assert all(len(batch[k]) == size for k in KEYS - {"x", "y"})
@@ -279,3 +280,33 @@ def test_lightning_fit(root: Path, tmp_path: Path) -> None:
         ),
     )
     assert probe.seen == [(4, 4)] * 3
+
+
+def test_open_steps_reach_the_test_split_only_with_an_unknown_next_state(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from datamodules.shards import Trajectory, write_shards
+
+    def image(value: int) -> Image.Image:
+        return Image.new("RGB", (8, 8), (value, 0, 0))
+
+    trajs = [
+        Trajectory("closed", [image(10), image(20)], ["edit"], {"task": "magicbrush"}),
+        Trajectory("open", [image(30)], ["turn it brown"], {"task": "clevr", "open": True}),
+        Trajectory("longer", [image(40), image(50)], ["first", "then"], {"task": "epic", "open": True}),
+    ]
+    write_shards(trajs, tmp_path, prefix="bench")
+    everywhere = {split: "bench-*.tar" for split in ("labelled", "unlabelled", "val", "test")}
+    dm = TrajectoryDataModule(str(tmp_path), 8, batch_size=2, eval_batch_size=8, pairs_per_epoch=2, **everywhere)
+    (batch,) = list(dm.test_dataloader())
+    assert batch["key"] == ["closed/0", "open/0", "longer/0", "longer/1"]
+    assert batch["has_target"].tolist() == [True, False, True, False]
+    assert batch["y"][[1, 3]].isnan().all() and batch["y"][[0, 2]].isfinite().all()
+    assert batch["task"] == ["magicbrush", "clevr", "epic", "epic"] and batch["action"][1] == "turn it brown"
+    with pytest.warns(UserWarning, match="no_target"):
+        assert [p["key"] for p in dm.pairs("val")] == ["closed/0"]
+    assert dm.skipped["val"] == {"no_target": 2} and "test" not in {s for s, n in dm.skipped.items() if n}
+    # The training streams never yield a step without its next state either.
+    with pytest.warns(UserWarning, match="no_target"):
+        streamed = next(iter(dm.train_dataloader()["labelled"]))
+    assert streamed["has_target"].all() and set(streamed["key"]) == {"closed/0"}

@@ -16,7 +16,7 @@ from swirl_vl.eval.metrics import l1
 from swirl_vl.eval.report import MetricTable, format_markdown, gather, write_report
 from swirl_vl.eval.rollout import rollout, rollout_trajectories
 from swirl_vl.training.sft import FWMModule, IDMModule
-from tests.sprite_oracles import OracleFWM, OracleIDM, sprite_trajectories
+from tests.sprite_oracles import OracleFWM, OracleIDM, sprite_batch, sprite_trajectories
 from tests.test_cli import _run, _tensorboard_tags, _tiny_args, _version_dir, sprite_root  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -200,3 +200,55 @@ def test_cli_test_under_two_process_ddp_counts_every_pair_once(tmp_path: Path, s
     assert counts["fwm_l1"] == counts["idm_bleu"] == counts["cycle_l1"] == 2 * 5
     assert counts["turn_1/fwm_l1"] == counts["turn_5/fwm_state_acc"] == 2
     assert sum(c["fwm_l1"] for task, c in report["counts"].items() if task != "all") == 10
+
+
+class _SeesOnlyTargets(OracleIDM):
+    """An oracle IDM that records the pairs it is shown and refuses an unknown next state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown = 0
+
+    def sample(self, x, y, num_samples=1, greedy=False, **gen):
+        assert torch.isfinite(y).all(), "the IDM was shown a pair without a next state"
+        self.shown += len(x)
+        return super().sample(x, y, num_samples, greedy, **gen)
+
+    def log_likelihood(self, x, y, z):
+        assert torch.isfinite(y).all(), "the IDM scored a pair without a next state"
+        return super().log_likelihood(x, y, z)
+
+
+def test_pairs_without_a_next_state_get_the_target_free_metrics_and_nan_for_the_rest():
+    from swirl_vl.eval.evaluate import evaluate_cycle, evaluate_fwm, evaluate_idm
+
+    batch = sprite_batch(4, seed=5)
+    batch["has_target"] = torch.tensor([True, False, True, False])
+    batch["y"][~batch["has_target"]] = float("nan")  # as collate_pairs fills an unknown y
+    batch["task"] = ["move", "clevr", "move", "clevr"]
+    fwm, idm = OracleFWM(), _SeesOnlyTargets()
+    fwm_metrics, y_hat = evaluate_fwm(fwm, batch)
+    torch.testing.assert_close(fwm_metrics["fwm_change_l1"], l1(y_hat, batch["x"]))  # every pair: ŷ against x
+    assert fwm_metrics["fwm_change_l1"][1] > 0  # the oracle acted the action out on the target-free pair too
+    for name in ("fwm_l1", "fwm_psnr", "fwm_ssim"):
+        assert fwm_metrics[name][[1, 3]].isnan().all() and fwm_metrics[name][[0, 2]].isfinite().all(), name
+    assert fwm_metrics["fwm_l1"][[0, 2]].eq(0).all()  # an oracle's edit is the target
+    idm_metrics, texts = evaluate_idm(idm, batch)
+    assert idm.shown == 2 and texts[1] == texts[3] == "" and texts[0] == batch["action"][0]
+    assert idm_metrics["idm_exact"].tolist()[::2] == [1.0, 1.0] and idm_metrics["idm_exact"][1::2].isnan().all()
+    cycle = evaluate_cycle(fwm, batch, texts)["cycle_l1"]
+    assert cycle[[1, 3]].isnan().all() and cycle[[0, 2]].eq(0).all()
+    test_only = FWMModule(fwm, log_images=0).test_only_metrics(batch)
+    test_only |= IDMModule(idm, log_images=0).test_only_metrics(batch)
+    for values in test_only.values():
+        assert values[[1, 3]].isnan().all()
+    torch.testing.assert_close(test_only["true_change_l1"][[0, 2]], l1(batch["y"], batch["x"])[[0, 2]])
+    table = MetricTable()
+    table.add({**fwm_metrics, **idm_metrics, "cycle_l1": cycle, **test_only}, batch["task"])
+    means = table.means()
+    assert set(means["clevr"]) == {"fwm_change_l1"}  # a target-free task reports what needs no target
+    assert table.counts["all"]["fwm_change_l1"] == 4 and table.counts["all"]["fwm_l1"] == 2
+    # Every pair without a target: the IDM is never asked, and nothing it would have said is reported.
+    blank = {**batch, "has_target": torch.zeros(4, dtype=torch.bool), "y": torch.full_like(batch["y"], float("nan"))}
+    assert evaluate_idm(idm, blank) == ({}, [""] * 4) and idm.shown == 2
+    assert set(evaluate_fwm(fwm, blank)[0]) == {"fwm_change_l1"}

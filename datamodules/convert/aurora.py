@@ -3,7 +3,10 @@
     python -m datamodules.convert aurora --root DIR --json DIR/test.json --out OUT [--tasks magicbrush ag]
 
 A JSON list of ``{"input", "output", "instruction", "task", ...}`` with image paths relative to ``--root``; one
-pair (T = 2) per entry, the instruction as the action, written as ``OUT/aurora-*.tar``.
+pair (T = 2) per entry, the instruction as the action, written as ``OUT/aurora-*.tar``. An entry without
+``output`` (the whole benchmark's ``clevr``, ``emu`` and ``epic`` tasks give a source image and an instruction only)
+becomes an open trajectory: the source, and the instruction as an action whose next state is unknown. Only the test
+split reads those: ``test`` generates their next states and scores them with the metrics that need no target.
 """
 
 from __future__ import annotations
@@ -52,12 +55,13 @@ def _aurora_trajectories(
         if not isinstance(instruction, str) or not instruction.strip():
             report.skip(where, "empty_instruction", f"instruction {instruction!r}")
             continue
-        if not entry.get("input") or not entry.get("output"):
-            report.skip(where, "no_output" if entry.get("input") else "no_input", "entry has no image path")
+        if not entry.get("input"):
+            report.skip(where, "no_input", "entry has no input image path")
             continue
-        paths = [_inside(root, str(entry[name])) for name in ("input", "output")]
+        names = ("input", "output") if entry.get("output") else ("input",)  # no output: a target-free entry
+        paths = [_inside(root, str(entry[name])) for name in names]
         if None in paths:
-            report.skip(where, "outside_root", f"{entry['input']!r} or {entry['output']!r} leaves {root}")
+            report.skip(where, "outside_root", f"{' or '.join(repr(entry[n]) for n in names)} leaves {root}")
             continue
         images = []
         for path in paths:
@@ -69,11 +73,13 @@ def _aurora_trajectories(
             except Exception as exn:
                 report.skip(where, "bad_image", f"{path}: {type(exn).__name__}: {exn}")
                 break
-        if len(images) != 2:
+        if len(images) != len(paths):
             continue
         extra = {k: v for k, v in entry.items() if k not in ("instruction", "task")}
         meta = {"task": task, "source": "aurora-bench", "index": i, **extra}
-        report.wrote(2)
+        if len(images) == 1:
+            meta["open"] = True  # the instruction's next state is unknown: test data only
+        report.wrote(len(images), open_step=len(images) == 1)
         yield Trajectory(f"aurora-{stem}-{i:06d}", images, [instruction.strip()], meta)
 
 

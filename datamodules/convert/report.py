@@ -32,6 +32,7 @@ class ConversionReport:
     inputs: int = 0
     written: int = 0  # trajectories
     pairs: int = 0  # consecutive (x_t, x_{t+1}) pairs in them
+    target_free: int = 0  # open steps among them: a source and an action, the next state unknown (benchmarks)
     shards: list[Path] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     details: list[tuple[str, str, str]] = field(default_factory=list)
@@ -43,10 +44,12 @@ class ConversionReport:
         self.skipped[reason] += 1
         self.details.append((where, reason, detail))
 
-    def wrote(self, states: int) -> None:
-        """Count one written trajectory of ``states`` states."""
+    def wrote(self, states: int, open_step: bool = False) -> None:
+        """Count one written trajectory of ``states`` states (``open_step``: plus a last action without its next
+        state, counted as a pair without a target)."""
         self.written += 1
-        self.pairs += states - 1
+        self.pairs += states - 1 + open_step
+        self.target_free += open_step
 
     def problems(self) -> list[tuple[str, str, str]]:
         """The skipped inputs that were not asked for, in input order."""
@@ -57,6 +60,8 @@ class ConversionReport:
             wrote = f"written {self.written} pairs in {len(self.shards)} shards"
         else:
             wrote = f"written {self.written} trajectories ({self.pairs} pairs) in {len(self.shards)} shards"
+        if self.target_free:
+            wrote = wrote.replace(" in ", f" ({self.target_free} without a target, for test only) in ", 1)
         dropped = f"; dropped {self.dropped.total()} pairs ({_reasons(self.dropped)})" if self.dropped else ""
         return f"{wrote}{dropped}; {self.skips()}"
 
@@ -77,6 +82,7 @@ class ConversionReport:
             "inputs": self.inputs,
             "written": self.written,
             "pairs": self.pairs,
+            "target_free": self.target_free,
             "shards": [str(p) for p in self.shards],
             "skipped": dict(self.skipped),
             "dropped": dict(self.dropped),

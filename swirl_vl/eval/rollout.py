@@ -53,8 +53,9 @@ def turn_metrics(predicted: Tensor, truth: Tensor, states: Sequence[Sequence[obj
     return out
 
 
-def _actions_known(traj: DecodedTrajectory) -> bool:
-    return all(a for a in traj.actions)
+def rollable(traj: DecodedTrajectory) -> bool:
+    """Whether a trajectory can be rolled out and scored: every action known, every next state observed."""
+    return all(a for a in traj.actions) and not traj.open_ended
 
 
 def _true_states(traj: DecodedTrajectory) -> list | None:
@@ -72,9 +73,10 @@ def rollout_trajectories(
     """Roll out every trajectory with known actions; yields ``({"turn_k/…": (n,)}, tasks)`` per turn and batch.
 
     ``tasks`` are the tasks of step ``k`` of each trajectory, so a per-task table groups turn ``k`` by the kind
-    of its last action. Trajectories are batched by length; those with an unknown action are left out.
+    of its last action. Trajectories are batched by length; those with an unknown action or next state are
+    left out.
     """
-    usable = sorted((t for t in trajectories if _actions_known(t)), key=lambda t: len(t.actions))
+    usable = sorted((t for t in trajectories if rollable(t)), key=lambda t: len(t.actions))
     for _, same_length in groupby(usable, key=lambda t: len(t.actions)):
         group = list(same_length)
         for start in range(0, len(group), batch_size):

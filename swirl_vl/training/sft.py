@@ -16,8 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from swirl_vl.eval.evaluate import evaluate_fwm, evaluate_idm
+from swirl_vl.eval.evaluate import evaluate_fwm, evaluate_idm, on_target_rows, target_rows
 from swirl_vl.eval.judge import Judge
+from swirl_vl.eval.metrics import l1
 from swirl_vl.eval.report import ALL, MetricTable, data_skipped, gather, write_report
 from swirl_vl.eval.rollout import rollout_trajectories
 from swirl_vl.eval.sensitivity import fwm_action_sensitivity, idm_image_sensitivity
@@ -51,6 +52,14 @@ def finish_test_report(module: LightningModule, table: MetricTable) -> None:
         extra = {"ckpt_path": trainer.ckpt_path, "skipped": skipped}
         json_path, _ = write_report(table, log_dir, extra)
         rank_zero_info(f"[swirl] test metrics per task written to {json_path} and {json_path.with_suffix('.md')}")
+
+
+def log_means(module: LightningModule, stage: str, metrics: dict[str, Tensor]) -> None:
+    """Log each per-example metric's mean over its answered examples (NaN: no answer) as ``<stage>/<name>``."""
+    for name, values in metrics.items():
+        answered = values[~values.isnan()]
+        if answered.numel():
+            module.log(f"{stage}/{name}", answered.mean(), batch_size=answered.numel(), sync_dist=True)
 
 
 def _adamw(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -106,8 +115,7 @@ class _WorldModelModule(LightningModule):
         if stage == "test":  # aggregated per task and logged in on_test_epoch_end
             self.test_table.add({**metrics, **self.test_only_metrics(batch)}, batch["task"])
         else:
-            for name, values in metrics.items():
-                self.log(f"{stage}/{name}", values.mean(), batch_size=values.numel(), sync_dist=True)
+            log_means(self, stage, metrics)
         if batch_idx == 0 and self.log_images:
             self.log_outputs(batch, outputs, f"{stage}/{self.prefix}", self.global_step)
 
@@ -167,9 +175,13 @@ class FWMModule(_WorldModelModule):
 
     @override
     def test_only_metrics(self, batch: dict) -> dict[str, Tensor]:
-        metrics = {
-            "fwm_action_sensitivity": fwm_action_sensitivity(self.model, batch["x"], batch["action"], batch["y"])
-        }
+        def with_targets(pairs: dict) -> dict[str, Tensor]:
+            return {
+                "fwm_action_sensitivity": fwm_action_sensitivity(self.model, pairs["x"], pairs["action"], pairs["y"]),
+                "true_change_l1": l1(pairs["y"].float(), pairs["x"].float()),  # beside fwm_change_l1: ŷ against x
+            }
+
+        metrics = on_target_rows(batch, with_targets)
         if self.judge is not None:
             # Greedy sampling is deterministic: this is the edit evaluate() scored, sampled again.
             y_hat = self.model.sample(batch["x"], batch["action"], num_samples=1, greedy=True).images
@@ -197,9 +209,8 @@ class FWMModule(_WorldModelModule):
     @override
     def log_outputs(self, batch: dict, outputs: Tensor, tag: str, step: int) -> None:
         k = self.log_images
-        log_transitions(
-            self.logger, tag, batch["x"][:k], outputs[:k, None], batch["y"][:k], list(batch["action"][:k]), step
-        )
+        y = batch["y"][:k].nan_to_num(0.5)  # an unknown next state shows as a grey tile
+        log_transitions(self.logger, tag, batch["x"][:k], outputs[:k, None], y, list(batch["action"][:k]), step)
 
 
 class IDMModule(_WorldModelModule):
@@ -228,9 +239,16 @@ class IDMModule(_WorldModelModule):
 
     @override
     def test_only_metrics(self, batch: dict) -> dict[str, Tensor]:
-        return {"idm_image_sensitivity": idm_image_sensitivity(self.model, batch["x"], batch["y"], batch["action"])}
+        def sensitivity(pairs: dict) -> dict[str, Tensor]:
+            return {"idm_image_sensitivity": idm_image_sensitivity(self.model, pairs["x"], pairs["y"], pairs["action"])}
+
+        return on_target_rows(batch, sensitivity)
 
     @override
     def log_outputs(self, batch: dict, outputs: list[str], tag: str, step: int) -> None:
-        lines = [f"predicted: `{p}` — true: `{t}`" for p, t in zip(outputs, batch["action"])][: self.log_images]
+        seen = target_rows(batch).tolist()
+        lines = [
+            f"predicted: `{p}` — true: `{t}`" if has else f"(no next state to read) — true: `{t}`"
+            for p, t, has in zip(outputs, batch["action"], seen)
+        ][: self.log_images]
         log_texts(self.logger, tag, lines, step)

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from swirl_vl.eval.evaluate import evaluate_cycle
+from swirl_vl.eval.evaluate import evaluate_cycle, target_rows
 from swirl_vl.eval.report import MetricTable
 from swirl_vl.models.base import Rollout, check_sampling_settings
 from swirl_vl.models.token_fwm import TokenFWM
@@ -31,7 +31,7 @@ from swirl_vl.training.lora import LoraReference, LoraSpec, adapter_parameters, 
 from swirl_vl.training.lr import LRSchedule, lr_factor
 from swirl_vl.training.memory import MemoryPlan, memory_plan, runtime_bytes
 from swirl_vl.training.objectives import GRPO, PolicyObjective
-from swirl_vl.training.sft import FWMModule, IDMModule, finish_test_report, labelled_pairs
+from swirl_vl.training.sft import FWMModule, IDMModule, finish_test_report, labelled_pairs, log_means
 
 STAGES = ("sft", "phase1", "phase2")
 TRAINS = {"sft": ("fwm", "idm"), "phase1": ("fwm",), "phase2": ("idm",)}
@@ -649,8 +649,7 @@ class SwirlModule(LightningModule):
             metrics |= evaluate_cycle(self.fwm.model, batch, texts)
             self.test_table.add(metrics, batch["task"])
         else:
-            for name, values in metrics.items():
-                self.log(f"{split}/{name}", values.mean(), batch_size=values.numel(), sync_dist=True)
+            log_means(self, split, metrics)
         if batch_idx == 0:  # as many as each module's log_images (0: none)
             if self.fwm.log_images:
                 self.fwm.log_outputs(batch, y_hat, f"{split}/fwm", self.global_step)
@@ -687,11 +686,12 @@ class SwirlModule(LightningModule):
                 break
             metrics, _, _ = self.evaluate_batch(move_data_to_device(batch, self.device))
             for name, values in metrics.items():
-                sums[name] += float(values.sum())
-                counts[name] += values.numel()
+                answered = values[~values.isnan()]  # NaN: no answer (e.g. a pair without a next state)
+                sums[name] += float(answered.sum())
+                counts[name] += answered.numel()
         for name, was in was_training.items():
             getattr(self, name).train(was)
-        return {name: sums[name] / counts[name] for name in sorted(sums)}
+        return {name: sums[name] / counts[name] for name in sorted(sums) if counts[name]}
 
     @override
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
@@ -699,5 +699,6 @@ class SwirlModule(LightningModule):
         under the batch's action; ``idm_action``, the IDM's action for ``(x, y)``; per-pair ``metrics`` ``{name: (B,)}``;
         with the batch's images and text fields. ``swirl_vl.predict.PredictionWriter`` writes them out."""
         metrics, y_hat, idm_action = self.evaluate_batch(batch)
-        fields = ("x", "y", "action", "task", "key")
-        return {**{name: batch[name] for name in fields}, "y_hat": y_hat, "idm_action": idm_action, "metrics": metrics}
+        fields = {name: batch[name] for name in ("x", "y", "action", "task", "key")}
+        outputs = {"has_target": target_rows(batch), "y_hat": y_hat, "idm_action": idm_action, "metrics": metrics}
+        return fields | outputs
