@@ -182,7 +182,12 @@ def test_entries_without_a_target_become_open_pairs_for_the_test_split_only(tmp_
     root = tmp_path / "root"
     entries = _layout(root, 2)
     entries += [
-        {"id": "005422", "instruction": "the tiny yellow cylinder turns brown", "input": "img/0-in.png", "task": "clevr"},
+        {
+            "id": "005422",
+            "instruction": "the tiny yellow cylinder turns brown",
+            "input": "img/0-in.png",
+            "task": "clevr",
+        },
         {"instruction": "Make it into Conceptual Art.", "input": "img/1-in.png", "type": "style", "task": "emu"},
     ]
     (root / "test.json").write_text(json.dumps(entries))
