@@ -165,7 +165,7 @@ class PredictionWriter(BasePredictionWriter):
                     "has_target": has_target,
                     "idm_action": prediction["idm_action"][i] if has_target else None,
                     "y_hat": relative,
-                    **metrics,
+                    "metrics": metrics,  # spread into the line at the end, every line with the same names
                 }
             )
             if index < self.sheet_rows:
@@ -180,7 +180,7 @@ class PredictionWriter(BasePredictionWriter):
         rollouts = _gather(rollouts)
         if trainer.global_rank != 0:
             return
-        ordered = [rows[i] for i in sorted(rows)]
+        ordered = _with_every_metric([rows[i] for i in sorted(rows)])
         write_atomically(self.output_dir / "index.jsonl", "".join(json.dumps(row) + "\n" for row in ordered))
         turns = [turn for _, turn_rows, _ in sorted(rollouts, key=lambda r: r[0]) for turn in turn_rows]
         if rollouts:
@@ -214,6 +214,15 @@ class PredictionWriter(BasePredictionWriter):
             shown = (traj.images.float().cpu(), predicted.float().cpu()) if at < self.sheet_rows else None
             out.append((at, rows, shown))
         return out
+
+
+def _with_every_metric(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Index lines with each row's ``metrics`` spread in, under every name any row has (None where a row has none:
+    a batch of target-free pairs alone has no target metric at all), so that every line has the same keys."""
+    names = sorted({name for row in rows for name in row["metrics"]})
+    return [
+        {**{k: v for k, v in row.items() if k != "metrics"}, **{n: row["metrics"].get(n) for n in names}} for row in rows
+    ]
 
 
 def _json_number(value: Tensor) -> float | None:

@@ -21,6 +21,7 @@ SAMPLE = REPO.parent / "shared" / "aurora-bench-sample"
 REAL = str(REPO / "configs" / "aurorabench.yaml")
 TINY = str(REPO / "configs" / "aurorabench_tiny.yaml")
 TASKS = {"magicbrush", "ag", "something", "whatsup", "kubric"}
+TARGET_FREE = {"clevr", "emu", "epic"}  # the whole benchmark's tasks without a target image
 
 
 def _swirl(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -75,11 +76,29 @@ def test_tiny_config_on_a_missing_root_says_what_to_convert(tmp_path: Path) -> N
     assert "instruct-pix2pix" not in message  # the tiny models are built, not downloaded
 
 
+def _whole_benchmark(path: Path) -> Path:
+    """The sample's 28 entries plus two of each target-free task, written as the benchmark's test.json writes them
+    (no "output"; "id" or "type" on some); their sources are sample photos, as the sample holds no clevr/emu/epic."""
+    entries = json.loads((SAMPLE / "test.json").read_text())
+    inputs = [e["input"] for e in entries]
+    extra = [
+        {"id": "005422", "instruction": "the tiny yellow cylinder turns brown", "input": inputs[0], "task": "clevr"},
+        {"id": "000031", "instruction": "change the large green matte ball to red", "input": inputs[5], "task": "clevr"},
+        {"instruction": "Make it into Conceptual Art.", "input": inputs[10], "type": "style", "task": "emu"},
+        {"instruction": "Make the photo seem taken at a picnic.", "input": inputs[15], "type": "global", "task": "emu"},
+        {"input": inputs[20], "instruction": "Turn on the water tab with the left hand", "task": "epic"},
+        {"input": inputs[25], "instruction": "Move the hand slightly up", "task": "epic"},
+    ]
+    path.write_text(json.dumps(entries + extra))
+    return path
+
+
 @pytest.mark.skipif(not (SAMPLE / "test.json").exists(), reason=f"Aurora-Bench sample not at {SAMPLE}")
-def test_tiny_config_fits_then_tests_on_the_converted_sample(tmp_path: Path) -> None:
+def test_tiny_config_fits_tests_and_predicts_on_all_eight_tasks(tmp_path: Path) -> None:
     data = tmp_path / "data"
     # Stored at 32 px: the training streams re-read the shard every few batches, and decoding the photos dominates.
-    assert convert_aurora(SAMPLE, SAMPLE / "test.json", data, image_size=32).written == 28
+    converted = convert_aurora(SAMPLE, _whole_benchmark(tmp_path / "bench.json"), data, image_size=32)
+    assert (converted.written, converted.target_free) == (34, 6)
     args = [
         "--config",
         TINY,
@@ -106,6 +125,8 @@ def test_tiny_config_fits_then_tests_on_the_converted_sample(tmp_path: Path) -> 
     ]
     fit = _swirl("fit", *args, cwd=tmp_path)
     assert fit.returncode == 0, fit.stdout[-3000:] + fit.stderr[-5000:]
+    # Training and validation read the same shards and skip the target-free pairs, counted.
+    assert "skipped (no_target)" in fit.stderr and "(no_target " in fit.stdout + fit.stderr
     run = tmp_path / "runs" / "aurorabench_tiny" / "version_0"
     table = json.loads((run / "swirl_metrics.json").read_text())
     assert [row["after"] for row in table] == ["sft", "iteration_1"]
@@ -125,8 +146,27 @@ def test_tiny_config_fits_then_tests_on_the_converted_sample(tmp_path: Path) -> 
     assert "test/fwm_psnr" in test.stdout and "test/idm_exact" in test.stdout
     report = json.loads((run / "test_metrics.json").read_text())  # test logs into the run it tests
     rows = {row["task"]: row for row in report["rows"]}
-    assert set(rows) == {"all"} | TASKS
-    assert rows["all"]["pairs"] == 28 and sum(rows[t]["pairs"] for t in TASKS) == 28
-    assert all(0 <= rows[t]["fwm_l1"] <= 1 for t in rows)
+    assert set(rows) == {"all"} | TASKS | TARGET_FREE
+    assert rows["all"]["pairs"] == 34 and sum(rows[t]["pairs"] for t in TASKS | TARGET_FREE) == 34
+    assert all(0 <= rows[t]["fwm_l1"] <= 1 and 0 <= rows[t]["fwm_change_l1"] <= 1 for t in TASKS)
     assert all(0 <= rows[t]["judge_unparsed"] <= 1 for t in rows)
-    assert report["counts"]["all"]["judge_unparsed"] == 28
+    assert report["counts"]["all"]["judge_unparsed"] == 34  # the judge sees every edit, target or not
+    for task in TARGET_FREE:  # the metrics that need no target, and none that would
+        assert rows[task]["pairs"] == 2 and 0 < rows[task]["fwm_change_l1"] <= 1, rows[task]
+        assert not {"fwm_l1", "fwm_psnr", "idm_exact", "cycle_l1", "true_change_l1"} & set(rows[task]), rows[task]
+    assert report["counts"]["all"]["fwm_l1"] == report["counts"]["all"]["idm_exact"] == 28
+    assert report["skipped"] == {}  # the test split keeps the target-free pairs
+    header = (run / "test_metrics.md").read_text().splitlines()[0]
+    assert all(f" {task} |" in header for task in TASKS | TARGET_FREE), header
+
+    # predict: every pair's ŷ; a target-free pair has no IDM action and no target metrics (null, not NaN).
+    out = tmp_path / "predictions"
+    predict = _swirl("predict", *args, "--ckpt_path", ckpt, "--predictions.output_dir", str(out), cwd=tmp_path)
+    assert predict.returncode == 0, predict.stdout[-3000:] + predict.stderr[-5000:]
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert len(index) == 34 and all((out / row["y_hat"]).exists() for row in index)
+    free = [row for row in index if row["task"] in TARGET_FREE]
+    assert len(free) == 6 and not any(row["has_target"] for row in free)
+    assert all(row["idm_action"] is None and row["fwm_l1"] is None and row["fwm_change_l1"] > 0 for row in free)
+    assert all(row["has_target"] and isinstance(row["fwm_l1"], float) for row in index if row not in free)
+    assert (out / "sheet.html").read_text().count("<i>no target</i>") == 6
