@@ -130,3 +130,15 @@ def test_configs_come_with_the_package_and_fit_without_one_runs_the_embedded_def
     assert default.returncode == 0, default.stderr[-2000:]
     assert "embedded default" in default.stderr and "swirl_vl.models.token_fwm.TokenFWM" in default.stdout
     assert not any(tmp_path.iterdir()), "printing a config writes nothing"
+
+
+def test_a_token_fwm_folder_or_vq_path_that_is_not_there_is_one_line_each_before_anything_loads(tmp_path):
+    fwm = "--model.init_args.fwm.init_args.model.init_args."
+    missing = [fwm + "path", str(tmp_path / "nothing"), fwm + "build_tiny", "false", fwm + "vq_path", "org/sprite-vq"]
+    code, _ = _exit(["fit", *_tiny_args(tmp_path, tmp_path / "data"), *missing])
+    lines = code.splitlines()
+    assert "Traceback" not in code and len(lines) <= 6, code
+    assert sum(f"TokenFWM checkpoint not found at '{tmp_path / 'nothing'}'" in line for line in lines) == 1, code
+    # A Hub id is never looked up (nothing is downloaded at run time): it is named as not being a local folder.
+    assert sum("image tokenizer not found at vq_path 'org/sprite-vq'" in line for line in lines) == 1, code
+    assert not (tmp_path / "models").exists() and not (tmp_path / "data").exists(), "nothing may load or be written"
