@@ -83,7 +83,12 @@ def _whole_benchmark(path: Path) -> Path:
     inputs = [e["input"] for e in entries]
     extra = [
         {"id": "005422", "instruction": "the tiny yellow cylinder turns brown", "input": inputs[0], "task": "clevr"},
-        {"id": "000031", "instruction": "change the large green matte ball to red", "input": inputs[5], "task": "clevr"},
+        {
+            "id": "000031",
+            "instruction": "change the large green matte ball to red",
+            "input": inputs[5],
+            "task": "clevr",
+        },
         {"instruction": "Make it into Conceptual Art.", "input": inputs[10], "type": "style", "task": "emu"},
         {"instruction": "Make the photo seem taken at a picnic.", "input": inputs[15], "type": "global", "task": "emu"},
         {"input": inputs[20], "instruction": "Turn on the water tab with the left hand", "task": "epic"},
