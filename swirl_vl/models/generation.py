@@ -5,14 +5,15 @@ sampler's own log-probs, recorded as it samples (no second forward pass).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import LogitsProcessor
+from transformers import GenerationMixin, JanusForConditionalGeneration, LogitsProcessor
 
 
 class RecordLogprobs(LogitsProcessor):
@@ -124,26 +125,36 @@ def generate_groups(
     ``G`` times before decoding, instead of ``num_return_sequences``, which prefills ``G`` identical copies (vision
     tower included). Only for models whose positions follow the attention mask (not multimodal RoPE).
     """
+    generate = text_generate(model)
     if group_size == 1:
-        return model.generate(**inputs, **generate_kwargs)
+        return generate(**inputs, **generate_kwargs)
     if not share_prefill:
         config = generate_kwargs.pop("generation_config", None)
         if config is None:
-            return model.generate(**inputs, num_return_sequences=group_size, **generate_kwargs)
+            return generate(**inputs, num_return_sequences=group_size, **generate_kwargs)
         config = copy.deepcopy(config)  # transformers takes a config or loose settings, not both
         config.num_return_sequences = group_size
-        return model.generate(**inputs, generation_config=config, **generate_kwargs)
+        return generate(**inputs, generation_config=config, **generate_kwargs)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     # Everything but the last prompt token: generate() runs that one itself and samples from its logits.
     prompt = {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1], **extra}
     cache = prefill_once(model, prompt, left_pad_positions(mask)[:, :-1], group_size).cache
-    return model.generate(
+    return generate(
         input_ids=ids.repeat_interleave(group_size, 0),
         attention_mask=mask.repeat_interleave(group_size, 0),
         cache=cache,
         **generate_kwargs,
     )
+
+
+def text_generate(model: nn.Module) -> Callable[..., Tensor]:
+    """The model's text ``generate``. Janus overrides ``generate`` and, in its text mode, drops ``logits_processor``
+    (transformers 5.24) before handing on to ``GenerationMixin.generate`` with no guidance: that is called directly
+    for it, so the processors that record and restrict sampling are kept."""
+    if isinstance(model, JanusForConditionalGeneration):
+        return functools.partial(GenerationMixin.generate, model, guidance_scale=None)
+    return model.generate
 
 
 def shares_prompts(model: nn.Module) -> bool:

@@ -25,9 +25,10 @@ from swirl_vl.models.base import (
     write_settings,
 )
 from swirl_vl.models.generation import RecordLogprobs, generate_groups, tail_logits
+from swirl_vl.models.janus import build_tiny_janus
 from swirl_vl.models.tiny_vlm import build_tiny_llava, build_tiny_qwen2_5_vl
 
-TINY_BUILDERS = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl}
+TINY_BUILDERS = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl, "janus": build_tiny_janus}
 
 _TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
 """Per-token processor outputs besides ids and mask that a completion must extend (text tokens are type 0)."""
@@ -54,7 +55,7 @@ class VLMIDM(InverseDynamicsModel):
     def __init__(
         self,
         path: str,
-        build_tiny: Literal["llava", "qwen2_5_vl"] | None = None,
+        build_tiny: Literal["llava", "qwen2_5_vl", "janus"] | None = None,
         seed: int = 0,
         prompt: str | None = None,
         max_new_tokens: int = 24,
