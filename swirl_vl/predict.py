@@ -221,7 +221,8 @@ def _with_every_metric(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     a batch of target-free pairs alone has no target metric at all), so that every line has the same keys."""
     names = sorted({name for row in rows for name in row["metrics"]})
     return [
-        {**{k: v for k, v in row.items() if k != "metrics"}, **{n: row["metrics"].get(n) for n in names}} for row in rows
+        {**{k: v for k, v in row.items() if k != "metrics"}, **{n: row["metrics"].get(n) for n in names}}
+        for row in rows
     ]
 
 

@@ -180,3 +180,57 @@ def test_the_janus_config_runs_sft_and_both_phases(tmp_path: Path) -> None:
     for model in ("iteration_1_phase1/fwm", "iteration_1_phase2/idm"):
         assert isinstance(JanusForConditionalGeneration.from_pretrained(saved / model), JanusForConditionalGeneration)
     assert JanusFWM(str(saved / "iteration_1_phase1" / "fwm")).image_size == 32
+
+
+def test_one_janus_model_serves_both_roles_through_two_adapters(folder: Path) -> None:
+    """The paper's shared-weights variant on a real unified model: the generation path (FWM) and the understanding
+    path (IDM) of one Janus, each with its own LoRA adapter; training one moves only its own policy."""
+    from swirl_vl.training.lora import LoraSpec, adapter_parameters, add_lora, reference_logprobs, set_trainable
+
+    fwm = JanusFWM(str(folder)).eval()
+    idm = VLMIDM.sharing(fwm, max_new_tokens=6, prompt="Which action?")
+    assert idm.model is fwm.model and idm.processor is fwm.processor
+    x, y, z = sprite_pairs(2, seed=5)
+    torch.manual_seed(0)
+    fwm_rollout, idm_rollout = fwm.sample(x, z, num_samples=2), idm.sample(x, y, num_samples=2)
+    with torch.no_grad():
+        fwm_sft, idm_sft = fwm.rollout_logprobs(fwm_rollout)[0], idm.rollout_logprobs(idm_rollout)[0]
+    spec = LoraSpec(r=4)
+    add_lora(fwm, spec, "fwm")
+    add_lora(idm, spec, "idm", share_with=fwm)
+    assert fwm.model.peft is idm.model.peft and sorted(fwm.model.peft.peft_config) == ["fwm", "idm"]
+    set_trainable(fwm, True)
+    set_trainable(idm, False)
+    opt = torch.optim.SGD(adapter_parameters(fwm), lr=0.5)
+    for _ in range(3):  # Phase I-style steps, the IDM's adapter running in between
+        idm.log_likelihood(x, y, z)
+        loss = -fwm.rollout_logprobs(fwm_rollout)[0].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert (fwm.rollout_logprobs(fwm_rollout)[0] - fwm_sft).abs().max() > 1e-3, "the FWM's adapter trained"
+        torch.testing.assert_close(idm.rollout_logprobs(idm_rollout)[0], idm_sft, rtol=0, atol=1e-6)
+    torch.testing.assert_close(reference_logprobs(fwm, fwm_rollout)[0], fwm_sft, rtol=0, atol=1e-6)
+    assert not any(p.requires_grad for p in adapter_parameters(idm))
+
+
+def test_the_janus_config_runs_shared_base_with_two_adapters(tmp_path: Path) -> None:
+    from tests.test_cli import REPO, _run, _tiny_args
+
+    args = _tiny_args(tmp_path, tmp_path / "data", "--schedule.sft_steps", "2", "--schedule.iterations", "1")
+    args[1] = str(REPO / "configs" / "sprites_janus.yaml")
+    args += ["--schedule.phase1_steps", "2", "--schedule.phase2_steps", "2"]
+    args += ["--model.init_args.shared_base", "true", "--model.init_args.lora.r", "4"]
+    args += ["--model.init_args.sft_fwm_steps", "null"]  # one base: both train on every SFT step
+    args += ["--model.init_args.idm.init_args.model.init_args.path", str(tmp_path / "models" / "fwm")]
+    proc = _run(["fit", *args])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run = next((tmp_path / "runs" / "sprites_janus").glob("version_*"))
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    for adapter in ("fwm", "idm"):
+        lora_b = [v for k, v in state.items() if k.endswith(f"lora_B.{adapter}.weight")]
+        assert lora_b and any(v.abs().sum() > 0 for v in lora_b), f"the {adapter} adapter did not train"
+    # One base: each of its tensors is the same storage under the FWM's and the IDM's names (saved once).
+    base = [k for k in state if k.startswith("fwm.model.") and "lora_" not in k and "language_model" in k]
+    assert base and all(state[k].data_ptr() == state["idm." + k[len("fwm.") :]].data_ptr() for k in base)

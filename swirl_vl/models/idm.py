@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, LogitsProcessorList, ProcessorMixin
 
 from swirl_vl.models.base import (
@@ -25,7 +25,7 @@ from swirl_vl.models.base import (
     write_settings,
 )
 from swirl_vl.models.generation import RecordLogprobs, generate_groups, tail_logits
-from swirl_vl.models.janus import build_tiny_janus
+from swirl_vl.models.janus import JanusFWM, build_tiny_janus
 from swirl_vl.models.tiny_vlm import build_tiny_llava, build_tiny_qwen2_5_vl
 
 TINY_BUILDERS = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl, "janus": build_tiny_janus}
@@ -68,11 +68,26 @@ class VLMIDM(InverseDynamicsModel):
             _build_atomically(folder, build_tiny, seed=seed, image_size=image_size)
         if (error := _missing_folder(folder, build_tiny=None)) is not None:
             raise error
-        self.model = AutoModelForImageTextToText.from_pretrained(folder)
+        model = AutoModelForImageTextToText.from_pretrained(folder)
         if gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
-        self.processor = AutoProcessor.from_pretrained(folder)
-        self.prompt = prompt if prompt is not None else saved_settings(folder).get("prompt", DEFAULT_PROMPT)
+            enable_gradient_checkpointing(model)
+        prompt = prompt if prompt is not None else saved_settings(folder).get("prompt", DEFAULT_PROMPT)
+        self._adopt(model, AutoProcessor.from_pretrained(folder), prompt, max_new_tokens, image_size)
+
+    @classmethod
+    def sharing(cls, fwm: nn.Module, max_new_tokens: int = 24, prompt: str = DEFAULT_PROMPT) -> VLMIDM:
+        """An IDM on a unified model's world model's own model and processor (same tensors): Janus-Pro's
+        understanding path beside ``JanusFWM``'s generation path, the shared-base variant on one real model."""
+        if not isinstance(fwm, JanusFWM):
+            raise TypeError(f"VLMIDM shares a JanusFWM's model, not a {type(fwm).__name__}")
+        idm = cls.__new__(cls)
+        InverseDynamicsModel.__init__(idm)
+        idm._adopt(fwm.model, fwm.processor, prompt, max_new_tokens, fwm.image_size)
+        return idm
+
+    def _adopt(self, model: nn.Module, processor: ProcessorMixin, prompt: str, max_new_tokens: int, image_size: int):
+        self.model, self.processor = model, processor
+        self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.image_size = image_size
 

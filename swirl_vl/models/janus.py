@@ -151,6 +151,15 @@ class JanusFWM(ForwardWorldModel):
     def device(self) -> torch.device:
         return self._anchor.device
 
+    @property
+    def core(self) -> torch.nn.Module:
+        """The ``JanusModel`` (language model, both visual paths), with this world model's LoRA adapter active when
+        it has one: on a shared base the IDM's adapter may have run last."""
+        activate = getattr(self.model, "activate", None)
+        if activate is not None:
+            activate()
+        return self.model.model
+
     # ---------------------------------------------------------------------------------------- sequences
 
     def prompts(self, z: list[str]) -> list[str]:
@@ -172,7 +181,7 @@ class JanusFWM(ForwardWorldModel):
     def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None) -> Tensor:
         """Token embeddings ``(B, T, D)``, with the images' SigLIP features in the placeholder slots, as
         ``JanusModel.forward`` places them."""
-        inner = self.model.model
+        inner = self.core
         embeds = inner.get_input_embeddings()(input_ids)
         if pixel_values is None:
             return embeds
@@ -221,10 +230,11 @@ class JanusFWM(ForwardWorldModel):
         L = codes.shape[1]
         inputs = torch.cat([prompt, self.code_embeds(codes[:, :-1])], 1)
         full_mask = torch.cat([mask, torch.ones_like(codes[:, :-1])], 1)
-        hidden = self.model.model.language_model(
+        core = self.core
+        hidden = core.language_model(
             inputs_embeds=inputs, attention_mask=full_mask, position_ids=_positions(full_mask)
         ).last_hidden_state
-        return self.model.model.generation_head(hidden[:, -L:]).float()
+        return core.generation_head(hidden[:, -L:]).float()
 
     def code_logprobs(
         self, prompt: Tensor, mask: Tensor, codes: Tensor, temperature: float = 1.0, unconditional: Tensor | None = None
@@ -307,7 +317,8 @@ class JanusFWM(ForwardWorldModel):
         mixed in as Janus's guidance. Returns codes and their log-probs at ``temperature`` over the codebook, both
         ``(B * num_samples, L)``."""
         warpers = [] if greedy else _warpers(top_k, top_p)
-        lm, head = self.model.model.language_model, self.model.model.generation_head
+        core = self.core
+        lm, head = core.language_model, core.generation_head
         n = prompt.shape[0] * num_samples
         if unconditional is not None:  # [conditional; unconditional] rows, as Janus's generate doubles its batch
             prompt, mask = torch.cat([prompt, unconditional]), torch.cat([mask, mask])

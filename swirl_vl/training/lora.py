@@ -2,8 +2,9 @@
 
 Adapters are added *after* SFT, so the frozen base is the SFT model and the reference policy is the
 same network with its adapters disabled: no second copy of the weights. One backend gets one named adapter; two
-backends that share one language model (``TokenFWM`` + ``TokenIDM.sharing(fwm)``, the paper's "one base, two
-LoRA adapters" variant) get two adapters on one ``PeftModel``:
+backends that share one language model (``TokenFWM`` + ``TokenIDM.sharing(fwm)``, or Janus-Pro's two paths,
+``JanusFWM`` + ``VLMIDM.sharing(fwm)``: the paper's "one base, two LoRA adapters" variant) get two adapters on one
+``PeftModel``:
 
     add_lora(fwm, spec, "fwm")
     add_lora(idm, spec, "idm", share_with=fwm)
@@ -42,7 +43,9 @@ from torch import Tensor, nn
 
 from swirl_vl.models.base import Rollout
 from swirl_vl.models.diffusion_fwm import DiffusionFWM
+from swirl_vl.models.generation import text_generate
 from swirl_vl.models.idm import VLMIDM
+from swirl_vl.models.janus import JanusFWM
 from swirl_vl.models.token_fwm import TokenFWM
 from swirl_vl.models.token_idm import TokenIDM
 
@@ -97,7 +100,7 @@ class AdapterView(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         self.activate()
-        return self.peft.get_base_model().generate(*args, **kwargs)
+        return text_generate(self.peft.get_base_model())(*args, **kwargs)
 
     def activate(self) -> None:
         if self.peft.active_adapter != self.adapter:
@@ -253,7 +256,7 @@ def _inner_attr(backend: nn.Module) -> str:
     """Name of the attribute that holds ``backend``'s transformers model (a ``DiffusionFWM``'s diffusers UNet)."""
     if isinstance(backend, (TokenFWM, TokenIDM)):
         return "lm"
-    if isinstance(backend, VLMIDM):
+    if isinstance(backend, (VLMIDM, JanusFWM)):
         return "model"
     if isinstance(backend, DiffusionFWM):
         return "unet"

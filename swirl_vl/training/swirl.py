@@ -23,6 +23,8 @@ from typing_extensions import override
 from swirl_vl.eval.evaluate import evaluate_cycle, target_rows
 from swirl_vl.eval.report import MetricTable
 from swirl_vl.models.base import Rollout, check_sampling_settings
+from swirl_vl.models.idm import VLMIDM
+from swirl_vl.models.janus import JanusFWM
 from swirl_vl.models.token_fwm import TokenFWM
 from swirl_vl.models.token_idm import TokenIDM
 from swirl_vl.rl.grpo import group_advantages
@@ -156,9 +158,10 @@ class SwirlModule(LightningModule):
                 at zero and stay frozen during SFT, so they begin where SFT ended and the base (the SFT model, with
                 the adapter disabled) is the KL reference without a second copy. None: full fine-tuning, reference
                 a frozen copy.
-            shared_base: one language model for both (the paper's one base, two LoRA adapters): the IDM must be a
-                ``TokenIDM`` and the FWM a ``TokenFWM``; the IDM runs on the FWM's model, tokenizer and VQ. Needs
-                ``lora``; SFT trains the shared base on both losses.
+            shared_base: one language model for both (the paper's one base, two LoRA adapters): a ``TokenFWM`` with
+                a ``TokenIDM`` (the IDM runs on the FWM's model, tokenizer and VQ), or a ``JanusFWM`` with a
+                ``VLMIDM`` (Janus-Pro's generation and understanding paths of one model). Needs ``lora``; SFT trains
+                the shared base on both losses.
             scale_advantages: divide group-relative advantages by the group's reward std (GRPO). False: plain
                 ``r - mean`` (Dr. GRPO), so groups whose members are all right, with rewards that differ only by the
                 judge's noise, no longer get full-size advantages (``benchmarks/reward_signal.py`` shows how many).
@@ -207,12 +210,16 @@ class SwirlModule(LightningModule):
         check_sampling_settings(fwm.model, fwm_generation, "--model.init_args.fwm_generation")
         check_sampling_settings(idm.model, idm_generation, "--model.init_args.idm_generation")
         if shared_base:
-            if lora is None or not isinstance(fwm.model, TokenFWM) or not isinstance(idm.model, TokenIDM):
+            pairs = (TokenFWM, TokenIDM), (JanusFWM, VLMIDM)
+            if lora is None or not any(isinstance(fwm.model, f) and isinstance(idm.model, i) for f, i in pairs):
                 raise ValueError(
-                    "--model.init_args.shared_base needs --model.init_args.lora, a TokenFWM FWM and a TokenIDM IDM; got "
-                    f"lora={lora}, {type(fwm.model).__name__}, {type(idm.model).__name__}"
+                    "--model.init_args.shared_base needs --model.init_args.lora and a world model and IDM that can share "
+                    f"one model (TokenFWM + TokenIDM, JanusFWM + VLMIDM); got lora={lora}, {type(fwm.model).__name__}, "
+                    f"{type(idm.model).__name__}"
                 )
-            settings = {"instruction": idm.model.instruction} if hasattr(idm.model, "instruction") else {}
+            settings = {
+                name: getattr(idm.model, name) for name in ("instruction", "prompt") if hasattr(idm.model, name)
+            }
             idm.model = type(idm.model).sharing(fwm.model, idm.model.max_new_tokens, **settings)
         # What each backend itself leaves trainable (not its VQ, say), before LoRA freezes the bases.
         self._trainable: dict[str, list[nn.Parameter]] = {
