@@ -157,7 +157,7 @@ def test_the_idm_reads_a_janus_folder_through_its_understanding_path(folder: Pat
 
 
 def test_a_missing_folder_names_the_download(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="deepseek-community/Janus-Pro-1B"):
+    with pytest.raises(FileNotFoundError, match="deepseek-community/Janus-Pro-7B"):
         JanusFWM(str(tmp_path / "nothing"))
     assert JanusFWM.preflight({"path": str(tmp_path / "nothing")}, "fit")
     assert JanusFWM.preflight({"path": str(tmp_path / "nothing"), "build_tiny": True}, "fit") == []
@@ -234,3 +234,16 @@ def test_the_janus_config_runs_shared_base_with_two_adapters(tmp_path: Path) -> 
     # One base: each of its tensors is the same storage under the FWM's and the IDM's names (saved once).
     base = [k for k in state if k.startswith("fwm.model.") and "lora_" not in k and "language_model" in k]
     assert base and all(state[k].data_ptr() == state["idm." + k[len("fwm.") :]].data_ptr() for k in base)
+
+
+def test_the_real_janus_config_stops_before_loading_naming_the_download(tmp_path: Path, monkeypatch) -> None:
+    from swirl_vl.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the config's relative paths exist nowhere here
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", "configs/aurorabench_janus.yaml"])
+    message = str(stop.value.code)
+    assert "missing inputs, nothing was run" in message
+    assert message.count("hf download deepseek-community/Janus-Pro-7B --local-dir PATH") == 1, message
+    assert "JanusFWM checkpoint not found at 'checkpoints/Janus-Pro-7B'" in message and "split 'test'" in message
+    assert sorted(tmp_path.iterdir()) == []

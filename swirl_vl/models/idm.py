@@ -311,9 +311,9 @@ def _missing_folder(path: Path, build_tiny: str | None) -> FileNotFoundError | N
     return missing_checkpoint_error(
         path,
         "VLMIDM: image-text-to-text model folder (config.json)",
-        f"Download one: `hf download Qwen/Qwen2.5-VL-3B-Instruct --local-dir {path}` (any transformers "
-        "image-text-to-text model with its processor works), or set build_tiny: llava (or qwen2_5_vl) to build a tiny "
-        "random model there (only where the path does not exist yet).",
+        f"Download one, e.g. `hf download Qwen/Qwen2.5-VL-3B-Instruct --local-dir {path}` (any transformers "
+        "image-text-to-text model with its processor works, Janus-Pro's too), or set build_tiny: "
+        f"{' / '.join(TINY_BUILDERS)} to build a tiny random model there (only where the path does not exist yet).",
     )
 
 

@@ -142,8 +142,8 @@ class JanusFWM(ForwardWorldModel):
     @classmethod
     def _missing(cls, path: str | Path) -> FileNotFoundError:
         fix = (
-            "Download Janus-Pro in the transformers format (`hf download deepseek-community/Janus-Pro-1B --local-dir "
-            "PATH`), or set build_tiny: true to write a tiny randomly initialised model there."
+            "Download Janus-Pro in the transformers format (`hf download deepseek-community/Janus-Pro-7B --local-dir "
+            "PATH`, or Janus-Pro-1B), or set build_tiny: true to write a tiny randomly initialised model there."
         )
         return missing_checkpoint_error(path, "JanusFWM checkpoint", fix)
 
