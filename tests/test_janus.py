@@ -163,25 +163,6 @@ def test_a_missing_folder_names_the_download(tmp_path: Path) -> None:
     assert JanusFWM.preflight({"path": str(tmp_path / "nothing"), "build_tiny": True}, "fit") == []
 
 
-def test_the_janus_config_runs_sft_and_both_phases(tmp_path: Path) -> None:
-    """``configs/sprites_janus.yaml`` through the CLI on a tiny schedule, ending in ``test``'s report; the saved
-    world model and IDM load as ``JanusForConditionalGeneration``."""
-    from tests.test_cli import REPO, _run, _tiny_args
-
-    args = _tiny_args(tmp_path, tmp_path / "data", "--schedule.sft_steps", "2", "--schedule.iterations", "1")
-    args[1] = str(REPO / "configs" / "sprites_janus.yaml")
-    args += ["--schedule.phase1_steps", "2", "--schedule.phase2_steps", "2"]
-    proc = _run(["fit", *args])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    run = next((tmp_path / "runs" / "sprites_janus").glob("version_*"))
-    phases = json.loads((run / "swirl_phases.json").read_text())
-    assert [p["stage"] for p in phases] == ["sft", "phase1", "phase2"]
-    saved = run / "pretrained"
-    for model in ("iteration_1_phase1/fwm", "iteration_1_phase2/idm"):
-        assert isinstance(JanusForConditionalGeneration.from_pretrained(saved / model), JanusForConditionalGeneration)
-    assert JanusFWM(str(saved / "iteration_1_phase1" / "fwm")).image_size == 32
-
-
 def test_one_janus_model_serves_both_roles_through_two_adapters(folder: Path) -> None:
     """The paper's shared-weights variant on a real unified model: the generation path (FWM) and the understanding
     path (IDM) of one Janus, each with its own LoRA adapter; training one moves only its own policy."""
@@ -215,7 +196,9 @@ def test_one_janus_model_serves_both_roles_through_two_adapters(folder: Path) ->
     assert not any(p.requires_grad for p in adapter_parameters(idm))
 
 
-def test_the_janus_config_runs_shared_base_with_two_adapters(tmp_path: Path) -> None:
+def test_the_janus_config_runs_sft_and_both_phases_on_one_model_with_two_adapters(tmp_path: Path) -> None:
+    """``configs/sprites_janus.yaml`` through the CLI on a tiny schedule, one Janus in both roles (``shared_base``,
+    ``lora``); the saved world model and IDM load as ``JanusForConditionalGeneration``."""
     from tests.test_cli import REPO, _run, _tiny_args
 
     args = _tiny_args(tmp_path, tmp_path / "data", "--schedule.sft_steps", "2", "--schedule.iterations", "1")
@@ -227,6 +210,12 @@ def test_the_janus_config_runs_shared_base_with_two_adapters(tmp_path: Path) -> 
     proc = _run(["fit", *args])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run = next((tmp_path / "runs" / "sprites_janus").glob("version_*"))
+    phases = json.loads((run / "swirl_phases.json").read_text())
+    assert [p["stage"] for p in phases] == ["sft", "phase1", "phase2"]
+    saved = run / "pretrained"
+    for model in ("iteration_1_phase1/fwm", "iteration_1_phase2/idm"):
+        assert isinstance(JanusForConditionalGeneration.from_pretrained(saved / model), JanusForConditionalGeneration)
+    assert JanusFWM(str(saved / "iteration_1_phase1" / "fwm")).image_size == 32
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     for adapter in ("fwm", "idm"):
         lora_b = [v for k, v in state.items() if k.endswith(f"lora_B.{adapter}.weight")]
