@@ -236,3 +236,15 @@ def test_the_real_janus_config_stops_before_loading_naming_the_download(tmp_path
     assert message.count("hf download deepseek-community/Janus-Pro-7B --local-dir PATH") == 1, message
     assert "JanusFWM checkpoint not found at 'checkpoints/Janus-Pro-7B'" in message and "split 'test'" in message
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_shared_base_names_what_cannot_share(folder: Path) -> None:
+    from swirl_vl.training import FWMModule, IDMModule, SwirlModule
+    from swirl_vl.training.lora import LoraSpec
+    from tests.sprite_oracles import OracleFWM
+
+    idm = IDMModule(VLMIDM(str(folder)))
+    with pytest.raises(ValueError, match="VLMIDM shares a JanusFWM's model, not a OracleFWM"):
+        SwirlModule(FWMModule(OracleFWM()), idm, shared_base=True, lora=LoraSpec(r=4))
+    with pytest.raises(ValueError, match="needs --model.init_args.lora .* got lora=None"):
+        SwirlModule(FWMModule(JanusFWM(str(folder))), idm, shared_base=True)

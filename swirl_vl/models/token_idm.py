@@ -76,6 +76,8 @@ class TokenIDM(InverseDynamicsModel):
     @classmethod
     def sharing(cls, fwm: TokenFWM, max_new_tokens: int = 24) -> TokenIDM:
         """An IDM on ``fwm``'s own language model, tokenizer and VQ (same tensors: training one trains the other)."""
+        if not isinstance(fwm, cls.fwm_class):
+            raise TypeError(f"{cls.__name__} shares a {cls.fwm_class.__name__}'s model, not a {type(fwm).__name__}")
         idm = cls.__new__(cls)
         InverseDynamicsModel.__init__(idm)
         idm._adopt(fwm, max_new_tokens)

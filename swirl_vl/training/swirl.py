@@ -23,10 +23,6 @@ from typing_extensions import override
 from swirl_vl.eval.evaluate import evaluate_cycle, target_rows
 from swirl_vl.eval.report import MetricTable
 from swirl_vl.models.base import Rollout, check_sampling_settings
-from swirl_vl.models.idm import VLMIDM
-from swirl_vl.models.janus import JanusFWM
-from swirl_vl.models.token_fwm import TokenFWM
-from swirl_vl.models.token_idm import TokenIDM
 from swirl_vl.rl.grpo import group_advantages
 from swirl_vl.training.images import grouped_lines, log_action_groups, log_transitions
 from swirl_vl.training.lora import LoraReference, LoraSpec, adapter_parameters, add_lora
@@ -210,17 +206,20 @@ class SwirlModule(LightningModule):
         check_sampling_settings(fwm.model, fwm_generation, "--model.init_args.fwm_generation")
         check_sampling_settings(idm.model, idm_generation, "--model.init_args.idm_generation")
         if shared_base:
-            pairs = (TokenFWM, TokenIDM), (JanusFWM, VLMIDM)
-            if lora is None or not any(isinstance(fwm.model, f) and isinstance(idm.model, i) for f, i in pairs):
+            sharing = getattr(type(idm.model), "sharing", None)  # the IDM backend says which world models it can share
+            problem = "" if sharing is not None else f"{type(idm.model).__name__} cannot run on another model's weights"
+            if sharing is not None and lora is not None:
+                settings = {n: getattr(idm.model, n) for n in ("instruction", "prompt") if hasattr(idm.model, n)}
+                try:
+                    idm.model = sharing(fwm.model, idm.model.max_new_tokens, **settings)
+                except TypeError as exn:
+                    problem = str(exn)
+            if lora is None or problem:
                 raise ValueError(
-                    "--model.init_args.shared_base needs --model.init_args.lora and a world model and IDM that can share "
-                    f"one model (TokenFWM + TokenIDM, JanusFWM + VLMIDM); got lora={lora}, {type(fwm.model).__name__}, "
-                    f"{type(idm.model).__name__}"
+                    "--model.init_args.shared_base needs --model.init_args.lora and an IDM that runs on the world "
+                    f"model's own model (TokenIDM with a TokenFWM, VLMIDM with a JanusFWM); got lora={lora}, "
+                    f"{type(fwm.model).__name__} and {type(idm.model).__name__}" + (f": {problem}" if problem else "")
                 )
-            settings = {
-                name: getattr(idm.model, name) for name in ("instruction", "prompt") if hasattr(idm.model, name)
-            }
-            idm.model = type(idm.model).sharing(fwm.model, idm.model.max_new_tokens, **settings)
         # What each backend itself leaves trainable (not its VQ, say), before LoRA freezes the bases.
         self._trainable: dict[str, list[nn.Parameter]] = {
             name: [p for p in m.model.parameters() if p.requires_grad] for name, m in (("fwm", fwm), ("idm", idm))
