@@ -52,8 +52,14 @@ _SPLIT_SOURCES = {
         "TRAIN.json --out {out}` (never the benchmark's test.json)"
     ),
     "unlabelled": "state-only pairs, e.g. `python -m datamodules.convert video --src VIDEOS --out {out}`",
-    "val": "held-out pairs, e.g. `python -m datamodules.convert aurora --root AURORA --json AURORA/test.json --out {out}`",
-    "test": "the benchmark, e.g. `python -m datamodules.convert aurora --root AURORA --json AURORA/test.json --out {out}`",
+    "val": (
+        "held-out pairs, e.g. `python -m datamodules.convert aurora --root AURORA --json AURORA/test.json --out {out}` "
+        "(ByteMorph-Bench: `python -m datamodules.convert bytemorph --src BM-Bench/data --out {out}`)"
+    ),
+    "test": (
+        "the benchmark, e.g. `python -m datamodules.convert aurora --root AURORA --json AURORA/test.json --out {out}` "
+        "(ByteMorph-Bench: `python -m datamodules.convert bytemorph --src BM-Bench/data --out {out}`)"
+    ),
 }
 
 

@@ -191,4 +191,5 @@ def test_real_config_fails_fast_naming_what_to_download_and_convert(
     assert "timbrooks/instruct-pix2pix" in message and "Qwen/Qwen2.5-VL-3B-Instruct" in message
     for split in ("labelled/*.tar", "unlabelled/video-train-*.tar", "test/*.tar"):
         assert f"data/bytemorph/{split}" in message, split
+    assert "`python -m datamodules.convert bytemorph --src BM-Bench/data --out data/bytemorph/test`" in message
     assert sorted(tmp_path.iterdir()) == []
