@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import JanusForConditionalGeneration, JanusProcessor
 
+from swirl_vl.models.generation import left_pad_positions
 from swirl_vl.models.idm import VLMIDM
 from swirl_vl.models.janus import JanusFWM, build_tiny_janus
 from tests.sprite_oracles import sprite_pairs
@@ -87,7 +88,7 @@ def test_x_sits_where_janus_puts_images_and_the_prompt_is_its_chat_format(fwm: J
         own = fwm.model.model(**inputs).last_hidden_state  # JanusModel places the SigLIP features itself
         prompt, mask, _ = fwm.prompt_embeds(x, z)
         mine = fwm.model.model.language_model(
-            inputs_embeds=prompt, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+            inputs_embeds=prompt, attention_mask=mask, position_ids=left_pad_positions(mask)
         ).last_hidden_state
     real = mask.bool()
     torch.testing.assert_close(mine[real], own[real], rtol=0, atol=1e-5)

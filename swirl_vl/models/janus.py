@@ -50,6 +50,7 @@ from swirl_vl.models.base import (
     write_folder_atomically,
     write_settings,
 )
+from swirl_vl.models.generation import left_pad_positions
 from swirl_vl.models.text import build_text_tokenizer
 
 IMAGE_TOKEN, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
@@ -232,7 +233,7 @@ class JanusFWM(ForwardWorldModel):
         full_mask = torch.cat([mask, torch.ones_like(codes[:, :-1])], 1)
         core = self.core
         hidden = core.language_model(
-            inputs_embeds=inputs, attention_mask=full_mask, position_ids=_positions(full_mask)
+            inputs_embeds=inputs, attention_mask=full_mask, position_ids=left_pad_positions(full_mask)
         ).last_hidden_state
         return core.generation_head(hidden[:, -L:]).float()
 
@@ -322,7 +323,7 @@ class JanusFWM(ForwardWorldModel):
         n = prompt.shape[0] * num_samples
         if unconditional is not None:  # [conditional; unconditional] rows, as Janus's generate doubles its batch
             prompt, mask = torch.cat([prompt, unconditional]), torch.cat([mask, mask])
-        positions = _positions(mask)
+        positions = left_pad_positions(mask)
         out = lm(inputs_embeds=prompt, attention_mask=mask, position_ids=positions, use_cache=True)
         cache = _repeat_cache(out.cache, num_samples)  # each prompt prefilled once for its group
         hidden = out.last_hidden_state[:, -1].repeat_interleave(num_samples, 0)
@@ -382,11 +383,6 @@ class JanusFWM(ForwardWorldModel):
     @classmethod
     def from_pretrained(cls, path: str | Path) -> JanusFWM:
         return cls(str(path))
-
-
-def _positions(mask: Tensor) -> Tensor:
-    """Position ids of left-padded rows: 0 at each row's first real token (pads sit at 0 and are masked)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _repeat_cache(cache: Any, group_size: int) -> Any:
