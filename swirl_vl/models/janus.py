@@ -28,7 +28,6 @@ from torch import Tensor
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    GenerationConfig,
     JanusConfig,
     JanusImageProcessor,
     JanusProcessor,
@@ -52,6 +51,7 @@ from swirl_vl.models.base import (
 )
 from swirl_vl.models.generation import left_pad_positions
 from swirl_vl.models.text import build_text_tokenizer
+from swirl_vl.models.tiny_vlm import TINY_TEXT_SIZE, special_token_ids, write_tiny_vlm
 
 IMAGE_TOKEN, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"
@@ -418,12 +418,12 @@ def build_tiny_janus(path: str | Path, seed: int = 0, image_size: int = 32) -> P
     """Write a tiny, seeded Janus folder at ``path``: ``JanusForConditionalGeneration`` + ``JanusProcessor``.
 
     Understanding: a 2-layer SigLIP tower with 8-px patches (``(image_size / 8)²`` features per image). Generation:
-    a VQ of 64 codes on a ``(image_size / 8)²`` grid. Language model: Llama, 4 layers of width 128. Returns
+    a VQ of 64 codes on a ``(image_size / 8)²`` grid. Language model: the other tiny VLMs' Llama. Returns
     ``path``.
     """
     tokenizer = janus_tokenizer()
     patch, side = 8, image_size // 8
-    width = 128
+    width = TINY_TEXT_SIZE["hidden_size"]
     vision = JanusVisionConfig(
         hidden_size=64,
         num_hidden_layers=2,
@@ -446,18 +446,8 @@ def build_tiny_janus(path: str | Path, seed: int = 0, image_size: int = 32) -> P
         projection_dim=width,
         image_token_embed_dim=width,
     )
-    special = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=width,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=1024,
-        initializer_range=0.08,  # as the other tiny language models (see tiny_vlm._TEXT_SIZE)
-        **special,
+        vocab_size=len(tokenizer), max_position_embeddings=1024, **TINY_TEXT_SIZE, **special_token_ids(tokenizer)
     )
     config = JanusConfig(
         text_config=text,
@@ -472,13 +462,7 @@ def build_tiny_janus(path: str | Path, seed: int = 0, image_size: int = 32) -> P
         num_image_tokens=side * side,
     )
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config)
-    # Janus's image generate reads the image-start token from here.
-    model.generation_config = GenerationConfig(
-        generation_kwargs={"boi_token_id": tokenizer.convert_tokens_to_ids(BOI)}, **special
+    # Janus's image generate reads the image-start token from the generation config.
+    return write_tiny_vlm(
+        path, config, processor, seed, generation_kwargs={"boi_token_id": tokenizer.convert_tokens_to_ids(BOI)}
     )
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return Path(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -79,7 +80,7 @@ _QWEN_SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 
-_TEXT_SIZE = dict(
+TINY_TEXT_SIZE = dict(
     hidden_size=128,
     intermediate_size=256,
     num_hidden_layers=4,
@@ -109,7 +110,9 @@ def build_tiny_llava(path: str | Path, seed: int = 0, image_size: int = 32) -> P
         patch_size=patch,
         projection_dim=64,
     )
-    text = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=1024, **_TEXT_SIZE, **_special_ids(tokenizer))
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=1024, **TINY_TEXT_SIZE, **special_token_ids(tokenizer)
+    )
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -131,7 +134,7 @@ def build_tiny_llava(path: str | Path, seed: int = 0, image_size: int = 32) -> P
         image_token="<image>",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by the "default" strategy
     )
-    return _write(path, config, processor, seed, init=_strengthen_clip_positions)
+    return write_tiny_vlm(path, config, processor, seed, init=_strengthen_clip_positions)
 
 
 def _strengthen_clip_positions(model: PreTrainedModel) -> None:
@@ -161,11 +164,11 @@ def build_tiny_qwen2_5_vl(path: str | Path, seed: int = 0, image_size: int = 32)
         text_config=dict(
             vocab_size=len(tokenizer),
             max_position_embeddings=1024,
-            num_key_value_heads=_TEXT_SIZE["num_attention_heads"],
+            num_key_value_heads=TINY_TEXT_SIZE["num_attention_heads"],
             # mRoPE splits the rotary half of head_dim = 32 into (temporal, height, width) sections, as Qwen.
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [4, 6, 6]},
-            **_TEXT_SIZE,
-            **_special_ids(tokenizer),
+            **TINY_TEXT_SIZE,
+            **special_token_ids(tokenizer),
         ),
         vision_config=dict(
             depth=2,
@@ -177,7 +180,7 @@ def build_tiny_qwen2_5_vl(path: str | Path, seed: int = 0, image_size: int = 32)
             temporal_patch_size=2,
             window_size=image_size,  # one window covers the whole image: all blocks see every patch
             fullatt_block_indexes=[1],
-            out_hidden_size=_TEXT_SIZE["hidden_size"],
+            out_hidden_size=TINY_TEXT_SIZE["hidden_size"],
         ),
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
@@ -193,23 +196,27 @@ def build_tiny_qwen2_5_vl(path: str | Path, seed: int = 0, image_size: int = 32)
         video_processor=Qwen2VLVideoProcessor(size=pixels, **grid),
         chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
     )
-    return _write(path, config, processor, seed)
+    return write_tiny_vlm(path, config, processor, seed)
 
 
-def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int | None]:
+def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int | None]:
     return dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
 
 
-def _write(
+def write_tiny_vlm(
     path: str | Path,
     config: PreTrainedConfig,
     processor: ProcessorMixin,
     seed: int,
     init: Callable[[PreTrainedModel], None] | None = None,
+    generation_kwargs: dict[str, Any] | None = None,
 ) -> Path:
-    """Initialise the model from ``seed`` (then ``init``), save model, generation config and processor at ``path``."""
+    """Initialise the model from ``seed`` (then ``init``), save model, generation config and processor at ``path``.
+
+    ``generation_kwargs``: family-specific entries of the generation config (Janus reads its image-start token there).
+    """
     path = Path(path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -217,9 +224,8 @@ def _write(
         if init is not None:
             init(model)
     tokenizer = processor.tokenizer
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
+    extra = {} if generation_kwargs is None else {"generation_kwargs": generation_kwargs}
+    model.generation_config = GenerationConfig(**special_token_ids(tokenizer), **extra)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
