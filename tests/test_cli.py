@@ -251,7 +251,8 @@ def test_sigkill_mid_phase_resumes_in_same_phase_and_step(tmp_path, sprite_root)
 
 def test_ddp_two_processes_sft_phase1_phase2(tmp_path, sprite_root):
     """2-process DDP on CPU (gloo) through SFT → Phase I → Phase II: phase switches must not hang or crash, nor
-    several backward passes per step (micro-batches of one pair, two updates per rollout batch)."""
+    several backward passes per step (micro-batches of one pair, two updates per rollout batch), nor the frozen
+    model's parking in bfloat16 (``frozen_dtype``)."""
     args = _tiny_args(
         tmp_path,
         sprite_root,
@@ -273,6 +274,8 @@ def test_ddp_two_processes_sft_phase1_phase2(tmp_path, sprite_root):
         "1",
         "--model.init_args.updates_per_rollout",
         "2",
+        "--model.init_args.frozen_dtype",
+        "bfloat16",
         "--trainer.callbacks+=tests.ddp_probe.WeightDigest",
         f"--trainer.callbacks.out_dir={tmp_path / 'digest'}",
     )
@@ -285,6 +288,8 @@ def test_ddp_two_processes_sft_phase1_phase2(tmp_path, sprite_root):
     final = _checkpoint_state(_version_dir(tmp_path) / "checkpoints" / "last.ckpt")
     assert final["stage"] == "done"
     assert [row["after"] for row in final["history"]] == ["sft", "iteration_1"]
+    state = torch.load(_version_dir(tmp_path) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}  # no scoring copy saved
 
 
 @pytest.mark.parametrize("config", ["sprites.yaml", "sprites_shared_lora.yaml"])

@@ -16,6 +16,7 @@ from swirl_vl.models.idm import VLMIDM
 from swirl_vl.models.tiny_diffusion import build_tiny_instruct_pix2pix
 from swirl_vl.models.token_fwm import TokenFWM
 from swirl_vl.training import FWMModule, IDMModule, SwirlModule
+from swirl_vl.training.precision import park, scoring, unpark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -268,3 +269,85 @@ def test_log_images_0_logs_no_outputs_from_the_swirl_module(folders: dict[str, P
     module._trainer = SimpleNamespace(global_step=0)
     x, y, z = sprite_pairs(2)
     module._eval_step({"x": x, "y": y, "action": z, "task": ["a", "b"]}, 0, "val")
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_parked_frozen_model_scores_in_bfloat16_and_trains_again_on_its_exact_float32_weights(
+    folders: dict[str, Path], fresh: bool
+) -> None:
+    module, (fwm_opt, idm_opt) = _module(folders, frozen_dtype="bfloat16", fresh_rl_optimizer=fresh)
+    module._trainer.checkpoint_callback = None  # what on_save_checkpoint reads of a Trainer
+    module.enter_stage("sft", 0, refresh_reference=True, num_steps=1, starting=True)
+    _sft_step(module, [fwm_opt, idm_opt])
+    idm = module.idm.model
+    before = {n: p.detach().clone() for n, p in idm.named_parameters()}
+    first = next(p for p in idm.parameters() if p in idm_opt.state)
+    moments = {k: v.clone() for k, v in idm_opt.state[first].items()}
+    x, y, z = sprite_pairs(4)
+    full = idm.log_likelihood(x, y, z)
+
+    module.enter_stage("phase1", 0, refresh_reference=True, num_steps=1, starting=True)
+    assert not any(p in idm_opt.state for p in idm.parameters())  # its moments left the device (or were dropped)
+    with module.scoring("idm"):
+        assert {p.dtype for p in idm.parameters() if p.is_floating_point()} == {torch.bfloat16}
+        low = idm.log_likelihood(x, y, z).float()
+    assert 0 < (low - full).abs().max() < 0.1, (low, full)  # a bfloat16 score: close, not equal
+    with module.scoring("fwm"):  # the training model is not parked: it runs as it trains
+        assert {p.dtype for p in module.fwm.model.parameters() if p.is_floating_point()} == {torch.float32}
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    for name, value in before.items():  # a checkpoint holds the weights it will train on, not the scoring copy
+        assert torch.equal(checkpoint["state_dict"][f"idm.model.{name}"], value), name
+
+    module.enter_stage("phase2", 0, refresh_reference=True, num_steps=1, starting=True)
+    for name, p in idm.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+    if fresh:  # its phase starts from empty state: parking dropped it rather than carry it
+        assert len(idm_opt.state) == 0
+    else:
+        assert all(torch.equal(idm_opt.state[first][k], v) for k, v in moments.items())
+    with module.scoring("fwm"):
+        assert torch.isfinite(module.fwm.model.log_likelihood(x, z, y)).all()
+    module.leave_stage()
+    assert module.scoring("fwm").__class__.__name__ == "nullcontext"
+
+
+def test_parking_on_a_gpu_frees_the_float32_storage_and_puts_it_back_exactly(folders: dict[str, Path]) -> None:
+    """The device path (``free``), run on CPU: the float32 data goes to a CPU copy and its storage is freed."""
+    idm = VLMIDM.from_pretrained(folders["llava"]).eval()
+    for p in idm.parameters():  # in memory of its own, as on a device (not the folder's file mapping)
+        p.data = p.data.clone()
+    opt = torch.optim.AdamW(idm.parameters())
+    x, y, z = sprite_pairs(2)
+    idm.sft_loss(x, y, z).backward()
+    opt.step()
+    before = {n: p.detach().clone() for n, p in idm.named_parameters()}
+    state = {k: v.clone() for k, v in opt.state[next(iter(idm.parameters()))].items()}
+    full = idm.log_likelihood(x, y, z)
+    parked = park(idm, torch.bfloat16, opt, keep_state=True, free=True)
+    freed = [p for p in idm.parameters() if p.untyped_storage().nbytes() == 0]
+    assert len(freed) == len(parked.masters) > 0.9 * len(before)  # all but views into a shared storage
+    assert not opt.state
+    with scoring(parked, torch.device("cpu")):
+        low = idm.log_likelihood(x, y, z).float()
+    assert 0 < (low - full).abs().max() < 0.1
+    unpark(parked, opt)
+    for name, p in idm.named_parameters():
+        assert torch.equal(p, before[name]), name
+    for k, v in state.items():
+        assert torch.equal(opt.state[next(iter(idm.parameters()))][k], v)
+
+
+def test_the_memory_plan_counts_the_parked_copy_and_the_dropped_moments(folders: dict[str, Path]) -> None:
+    from swirl_vl.training.memory import memory_plan
+
+    plain, _ = _module(folders)
+    parked, _ = _module(folders, frozen_dtype="bfloat16")
+    before, after = memory_plan(plain, 0, 4), memory_plan(parked, 0, 4)
+    for stage, frozen in (("phase1", parked.idm.model), ("phase2", parked.fwm.model)):
+        floats = [p for p in frozen.parameters() if p.is_floating_point()]
+        trained = [p for p in floats if p.requires_grad]
+        # On a CPU device: a bfloat16 copy (2 bytes a parameter) is added, AdamW's two float32 moments are dropped.
+        change = sum(2 * p.numel() for p in floats) - sum(8 * p.numel() for p in trained)
+        assert after.stages[stage] - before.stages[stage] == change, stage
+    assert after.stages["sft"] == before.stages["sft"]

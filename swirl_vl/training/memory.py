@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from swirl_vl.training.precision import DTYPES
+
 if TYPE_CHECKING:
     from swirl_vl.training.swirl import SwirlModule
 
@@ -98,6 +100,19 @@ class MemoryPlan:
         return "\n".join(lines + [f"({note})" for note in self.notes])
 
 
+def parked_bytes(module: SwirlModule, frozen: str, dtype: torch.dtype) -> int:
+    """What parking ``frozen`` changes on its device (negative: frees): a ``dtype`` copy of its float weights is added;
+    on a GPU its float32 data and its AdamW moments leave for CPU memory, on a CPU device they stay in the same memory
+    (the moments are dropped with ``fresh_rl_optimizer``)."""
+    floats = [p for p in getattr(module, frozen).model.parameters() if p.is_floating_point()]
+    weights = parameter_bytes(floats)
+    copy = sum(p.numel() for p in {id(p): p for p in floats}.values()) * dtype.itemsize
+    moments = 2 * parameter_bytes(module.trained_parameters(frozen))  # AdamW's, once it has stepped
+    if module.device.type == "cpu":
+        return copy - (moments if module.hparams.fresh_rl_optimizer else 0)
+    return copy - weights - moments
+
+
 def memory_plan(module: SwirlModule, runtime: int, rl_pairs: int | None) -> MemoryPlan:
     """The plan for ``module`` at its configured sizes; ``runtime``: what the process holds already (weights in);
     ``rl_pairs``: pairs per RL step (``rl_batch_size``, or the loader's batch size)."""
@@ -117,6 +132,7 @@ def memory_plan(module: SwirlModule, runtime: int, rl_pairs: int | None) -> Memo
         references
     )
     plan.stages["sft"] = runtime + adam + sum(trained.values())
+    frozen_dtype = DTYPES.get(h.get("frozen_dtype") or "")
     plan.notes.append("SFT activations are not estimated")
     for stage, which, group in (("phase1", "fwm", h.fwm_group_size), ("phase2", "idm", h.idm_group_size)):
         pairs = min(h.rl_micro_batch_size or rl_pairs or 0, rl_pairs or h.rl_micro_batch_size or 0)
@@ -132,5 +148,9 @@ def memory_plan(module: SwirlModule, runtime: int, rl_pairs: int | None) -> Memo
             activations = estimate or 0
             plan.items[f"{stage} activations, {pairs * group} rollouts per micro-batch (estimate)"] = activations
         plan.items[f"gradients in {stage} ({which})"] = trained[which]
-        plan.stages[stage] = runtime + adam + references + trained[which] + activations
+        parked = 0
+        if frozen_dtype is not None:
+            parked = parked_bytes(module, "idm" if which == "fwm" else "fwm", frozen_dtype)
+            plan.items[f"{stage}: frozen model parked, {frozen_dtype} copy (change)"] = parked
+        plan.stages[stage] = runtime + adam + references + trained[which] + activations + parked
     return plan

@@ -173,6 +173,7 @@ class SwirlSchedule(Callback):
 
     def _finish_phase(self, trainer: Trainer, module: SwirlModule) -> None:
         finished, iteration = self.stage, self.iteration
+        module.leave_stage()
         if self._steps_without_labels:
             rank_zero_warn(
                 f"[swirl] phase1, iteration {iteration + 1}: {self._steps_without_labels} of {self._steps(finished)} "

@@ -29,6 +29,7 @@ from swirl_vl.training.lora import LoraReference, LoraSpec, adapter_parameters, 
 from swirl_vl.training.lr import LRSchedule, lr_factor
 from swirl_vl.training.memory import MemoryPlan, memory_plan, runtime_bytes
 from swirl_vl.training.objectives import GRPO, PolicyObjective
+from swirl_vl.training.precision import DTYPES, Parked, master_state, park, scoring, unpark
 from swirl_vl.training.sft import FWMModule, IDMModule, finish_test_report, labelled_pairs, log_means
 
 STAGES = ("sft", "phase1", "phase2")
@@ -119,6 +120,7 @@ class SwirlModule(LightningModule):
         rl_micro_batch_size: int | None = None,
         updates_per_rollout: int = 1,
         max_nonfinite_steps: int = 10,
+        frozen_dtype: Literal["bfloat16", "float16"] | None = None,
     ) -> None:
         """
         Args:
@@ -180,6 +182,12 @@ class SwirlModule(LightningModule):
                 first one's log-probs are the old log-probs of the others. 1: on-policy, the ratio is 1 at every update.
             max_nonfinite_steps: a step whose loss or gradient is not finite is skipped and counted
                 (``<stage>/nonfinite_steps``); this many in a row stop fit with an error.
+            frozen_dtype: in an RL phase, keep the model that does not train on the device in this dtype only, for
+                scoring (rewards, its pseudo-labels, validation) under autocast, and park its float32 weights and
+                optimiser state in CPU memory until its own phase, when they come back exactly
+                (``swirl_vl.training.precision``). A 7B frozen model then takes 2 bytes per parameter on the GPU
+                instead of 4 + 8 (AdamW), and the rewards are bfloat16 scores. Evaluations at stage boundaries,
+                exports and checkpoints see float32. None: the frozen model stays as it trained.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["fwm", "idm", "fwm_objective"])
@@ -197,6 +205,11 @@ class SwirlModule(LightningModule):
         if sft_fwm_steps is not None and (sft_fwm_steps < 0 or shared_base):
             raise ValueError(
                 f"--model.init_args.sft_fwm_steps must be ≥ 0 and cannot be used with shared_base; got {sft_fwm_steps}"
+            )
+        if frozen_dtype is not None and shared_base:
+            raise ValueError(
+                "--model.init_args.frozen_dtype cannot be used with --model.init_args.shared_base: the frozen model "
+                "runs on the training model's own base weights"
             )
         if lora is not None and reference == "iteration":
             raise ValueError(
@@ -249,6 +262,7 @@ class SwirlModule(LightningModule):
         self._checkpoint_batches: int | None = None  # the training step of a loaded checkpoint (for test's scalars)
         self._step_chunks = 1
         self._last_step_stage: str | None = None  # the stage of the previous training step in this process
+        self._parked: dict[str, Parked] = {}  # with frozen_dtype: the frozen model's float32 data and optimiser state
 
     # ---------------------------------------------------------------- stage control (driven by SwirlSchedule)
 
@@ -265,6 +279,7 @@ class SwirlModule(LightningModule):
         self.stage_steps = num_steps
         self.stage, self.iteration = stage, iteration
         trains = TRAINS[stage]
+        self._unpark([name for name in self._parked if name in trains])  # its float32 weights come back to train
         on = {id(p) for p in self.stage_parameters(stage)}
         for name in ("fwm", "idm"):
             module = getattr(self, name)
@@ -277,13 +292,36 @@ class SwirlModule(LightningModule):
             self.refresh_reference(trains[0])
         if starting and stage != "sft" and self.hparams.fresh_rl_optimizer:
             self.reset_optimizer_state(trains[0])
+        frozen = {"phase1": "idm", "phase2": "fwm"}.get(stage)
+        if self.hparams.frozen_dtype is not None and frozen is not None and frozen not in self._parked:
+            # Its optimiser state is dropped with fresh_rl_optimizer: its own phase would clear it on starting.
+            dtype, keep = DTYPES[self.hparams.frozen_dtype], not self.hparams.fresh_rl_optimizer
+            self._parked[frozen] = park(getattr(self, frozen).model, dtype, self._optimizer(frozen), keep_state=keep)
+
+    def leave_stage(self) -> None:
+        """The stage has ended: a parked model gets its float32 weights back (for the boundary's evaluation and
+        exports; the next ``enter_stage`` parks the next phase's frozen model)."""
+        self._unpark(list(self._parked))
+
+    def _unpark(self, names: list[str]) -> None:
+        for name in names:
+            unpark(self._parked.pop(name), self._optimizer(name))
+
+    def _optimizer(self, which: str) -> torch.optim.Optimizer | None:
+        """``which``'s optimiser, or None before the Trainer has made them."""
+        if self._trainer is None or not self.trainer.optimizers:
+            return None
+        return self.trainer.optimizers[("fwm", "idm").index(which)]
+
+    def scoring(self, which: str) -> Any:
+        """The context ``which`` runs in without training: autocast to ``frozen_dtype`` while it is parked."""
+        return scoring(self._parked.get(which), self.device)
 
     def reset_optimizer_state(self, which: Literal["fwm", "idm"]) -> None:
         """Forget ``which``'s optimiser state (moments, step counts); the next step starts it afresh."""
-        if self._trainer is None or not self.trainer.optimizers:
-            return  # no optimiser yet: it will start empty anyway
-        opt = self.trainer.optimizers[("fwm", "idm").index(which)]
-        opt.state.clear()
+        opt = self._optimizer(which)
+        if opt is not None:  # without an optimiser yet it will start empty anyway
+            opt.state.clear()
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         """What trains in ``stage``: with LoRA, the base in SFT and the policy's own adapter in its phase."""
@@ -329,6 +367,12 @@ class SwirlModule(LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._parked:  # a parked model is saved as it trains, in float32, not as its scoring copy
+            names: dict[nn.Parameter, list[str]] = defaultdict(list)
+            for name, p in self.named_parameters(remove_duplicate=False):
+                names[p].append(name)
+            for parked in self._parked.values():
+                checkpoint["state_dict"].update(master_state(parked, names))
         # A reference that is the SFT model never changes after SFT: written once beside the checkpoints (the first
         # save that holds it), and left out of every checkpoint, which would otherwise carry a second full model.
         folder = self._reference_dir()
@@ -495,9 +539,11 @@ class SwirlModule(LightningModule):
     @torch.no_grad()
     def label_pairs(self, x: Tensor, y: Tensor) -> tuple[list[str], Tensor]:
         """Greedy IDM labels for unlabelled pairs and their mean token log-prob ``(B,)`` (recorded while decoding)."""
-        labels = [
-            self.idm.model.sample(part["x"], part["y"], greedy=True) for part in self._micro_batches({"x": x, "y": y})
-        ]
+        with self.scoring("idm"):
+            labels = [
+                self.idm.model.sample(part["x"], part["y"], greedy=True)
+                for part in self._micro_batches({"x": x, "y": y})
+            ]
         texts = [t for r in labels for t in r.texts]
         return texts, torch.cat([mean_token_logprob(r.old_logprobs, r.mask) for r in labels])
 
@@ -543,7 +589,8 @@ class SwirlModule(LightningModule):
                     part["x"], part["z"], num_samples=g, **(self.hparams.fwm_generation or {})
                 )
                 x_rep, z_rep = part["x"].repeat_interleave(g, 0), [a for a in part["z"] for _ in range(g)]
-                rewards = self.idm.model.log_likelihood(x_rep, rollout.images, z_rep)
+                with self.scoring("idm"):
+                    rewards = self.idm.model.log_likelihood(x_rep, rollout.images, z_rep).float()
                 chunks.append((rollout, rewards.clamp(min=self.hparams.reward_floor)))
         chunks += [None] * (num_chunks - len(chunks))
         self.update(self.fwm_objective, self.fwm.model, self.fwm_ref, chunks, opt, self.hparams.fwm_beta, "phase1")
@@ -566,7 +613,8 @@ class SwirlModule(LightningModule):
                 x, y = part["x"], part["y"]
                 rollout = self.idm.model.sample(x, y, num_samples=g, **(self.hparams.idm_generation or {}))
                 x_rep, y_rep = x.repeat_interleave(g, 0), y.repeat_interleave(g, 0)
-                rewards = self.fwm.model.log_likelihood(x_rep, rollout.texts, y_rep, group_size=g)
+                with self.scoring("fwm"):
+                    rewards = self.fwm.model.log_likelihood(x_rep, rollout.texts, y_rep, group_size=g).float()
                 chunks.append((rollout, rewards.clamp(min=self.hparams.reward_floor)))
         chunks += [None] * (self._step_chunks - len(chunks))
         self.update(self.idm_objective, self.idm.model, self.idm_ref, chunks, opt, self.hparams.idm_beta, "phase2")
@@ -636,8 +684,11 @@ class SwirlModule(LightningModule):
     # ---------------------------------------------------------------- evaluation
 
     def evaluate_batch(self, batch: dict) -> tuple[dict[str, Tensor], Tensor, list[str]]:
-        fwm_metrics, y_hat = self.fwm.evaluate(batch)
-        idm_metrics, texts = self.idm.evaluate(batch)
+        with self.scoring("fwm"):
+            fwm_metrics, y_hat = self.fwm.evaluate(batch)
+        with self.scoring("idm"):
+            idm_metrics, texts = self.idm.evaluate(batch)
+        y_hat = y_hat.float()
         return {**fwm_metrics, **idm_metrics}, y_hat, texts
 
     @override
