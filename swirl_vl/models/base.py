@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +79,9 @@ class PolicyScores:
 
 class GRPOPolicy(nn.Module, ABC):
     """What both world models share as GRPO policies: scoring a rollout and its KL to a reference policy."""
+
+    fsdp2_unsupported: ClassVar[str | None] = None
+    """Why this backend cannot run sharded by FSDP2 (``swirl_vl.training.fsdp``), or None: it can."""
 
     @abstractmethod
     def rollout_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:

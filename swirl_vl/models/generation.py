@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import GenerationMixin, JanusForConditionalGeneration, LogitsProcessor
 
 
@@ -125,6 +126,19 @@ def generate_groups(
     ``G`` times before decoding, instead of ``num_return_sequences``, which prefills ``G`` identical copies (vision
     tower included). Only for models whose positions follow the attention mask (not multimodal RoPE).
     """
+    if is_sharded(model):
+        # Every process must run as many forward passes: all decode until the last has finished. And transformers'
+        # generate calls parts of the model (its image features) outside its forward, so the model's outer weights
+        # are gathered for the whole call (its blocks still gather their own in their forward).
+        generate_kwargs.setdefault("synced_gpus", True)
+        with outer_weights_gathered(model):
+            return _generate_groups(model, inputs, group_size, share_prefill, **generate_kwargs)
+    return _generate_groups(model, inputs, group_size, share_prefill, **generate_kwargs)
+
+
+def _generate_groups(
+    model: nn.Module, inputs: Mapping[str, Tensor], group_size: int, share_prefill: bool, **generate_kwargs: Any
+) -> Tensor:
     generate = text_generate(model)
     if group_size == 1:
         return generate(**inputs, **generate_kwargs)
@@ -146,6 +160,27 @@ def generate_groups(
         cache=cache,
         **generate_kwargs,
     )
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2-sharded modules: each of their forward passes is then a collective."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@contextmanager
+def outer_weights_gathered(model: nn.Module) -> Iterator[None]:
+    """Within: the weights of ``model``'s outermost FSDP2 units are gathered (not those of the blocks inside)."""
+    outer: list[tuple[str, FSDPModule]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule) and not any(name.startswith(f"{o}.") or not o for o, _ in outer):
+            outer.append((name, module))
+    for _, module in outer:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for _, module in outer:
+            module.reshard()
 
 
 def text_generate(model: nn.Module) -> Callable[..., Tensor]:

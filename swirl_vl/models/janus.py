@@ -78,6 +78,10 @@ class JanusFWM(ForwardWorldModel):
     """``P_θ(y | x, z)`` on a Janus folder: ``y``'s VQ codes from the generation head, after ``x`` and the action."""
 
     default_image_size = 384
+    fsdp2_unsupported = (
+        "its image loop calls the model's generation head and embeddings outside the model's forward, where FSDP2 "
+        "would leave their weights sharded"
+    )
 
     def __init__(
         self,

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -31,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from swirl_vl.eval.report import data_skipped, skipped_line, skipped_scalars
+from swirl_vl.training.fsdp import full_weights
 from swirl_vl.training.swirl import TRAINS, SwirlModule
 
 DONE = "done"
@@ -192,6 +194,9 @@ class SwirlSchedule(Callback):
                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 }
             )
+            if module.device.type == "cuda":  # this phase's own peak on the GPU (the counter restarts per phase)
+                self.phase_stats[-1]["peak_cuda_mib"] = torch.cuda.max_memory_allocated(module.device) / 2**20
+                torch.cuda.reset_peak_memory_stats(module.device)
         self._phase_started, self._phase_steps_timed, self._phase_seconds_before = None, 0, 0.0
         if self.export_pretrained and self._steps(finished) > 0:
             self._export(trainer, module, finished, iteration)
@@ -255,17 +260,21 @@ class SwirlSchedule(Callback):
         )
 
     def _export(self, trainer: Trainer, module: SwirlModule, stage: str, iteration: int) -> None:
-        if trainer.global_rank != 0 or self.pretrained_dir is None:
+        if self.pretrained_dir is None:
             return
         models = TRAINS[stage]
         tag = "sft" if stage == "sft" else f"iteration_{iteration + 1}_{stage}"
         for name in models:
-            final = self.pretrained_dir / tag / name
-            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            getattr(module, name).model.save_pretrained(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            backend = getattr(module, name).model
+            with full_weights(backend):  # under FSDP2 every process takes part in gathering the weights
+                if trainer.global_rank != 0:
+                    continue
+                final = self.pretrained_dir / tag / name
+                tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                backend.save_pretrained(tmp)
+                shutil.rmtree(final, ignore_errors=True)
+                tmp.rename(final)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

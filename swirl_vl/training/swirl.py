@@ -23,7 +23,9 @@ from typing_extensions import override
 from swirl_vl.eval.evaluate import evaluate_cycle, target_rows
 from swirl_vl.eval.report import MetricTable
 from swirl_vl.models.base import Rollout, check_sampling_settings
+from swirl_vl.models.generation import is_sharded
 from swirl_vl.rl.grpo import group_advantages
+from swirl_vl.training.fsdp import copy_shards, reshard, shard_backend
 from swirl_vl.training.images import grouped_lines, log_action_groups, log_transitions
 from swirl_vl.training.lora import LoraReference, LoraSpec, adapter_parameters, add_lora
 from swirl_vl.training.lr import LRSchedule, lr_factor
@@ -262,6 +264,7 @@ class SwirlModule(LightningModule):
         self._checkpoint_batches: int | None = None  # the training step of a loaded checkpoint (for test's scalars)
         self._step_chunks = 1
         self._last_step_stage: str | None = None  # the stage of the previous training step in this process
+        self._idle_pair: tuple[Tensor, Tensor] | None = None  # a pair of the step, for _idle_loss
         self._parked: dict[str, Parked] = {}  # with frozen_dtype: the frozen model's float32 data and optimiser state
 
     # ---------------------------------------------------------------- stage control (driven by SwirlSchedule)
@@ -350,8 +353,46 @@ class SwirlModule(LightningModule):
             # Not an nn.Module: no weights of its own, nothing in the checkpoint.
             self.__dict__[f"{which}_ref"] = LoraReference(policy)
             return
+        ref = getattr(self, f"{which}_ref")
+        if ref is not None and is_sharded(
+            policy
+        ):  # FSDP2: no deepcopy; the copy made before sharding takes its weights
+            copy_shards(policy, ref)
+            return
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
         setattr(self, f"{which}_ref", ref)
+
+    @override
+    def configure_model(self) -> None:
+        """Under ``FSDP2Strategy`` (its device mesh set): shard both models, and their KL references, copied first
+        (``swirl_vl.training.fsdp``). Otherwise nothing: DDP and one device take the models as they are."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or is_sharded(self.fwm.model):
+            return
+        h = self.hparams
+        for name, value in (("shared_base", h.shared_base), ("frozen_dtype", h.frozen_dtype)):
+            if value:
+                raise ValueError(
+                    f"--model.init_args.{name} is not supported under FSDP2Strategy (which shards the frozen model "
+                    "already); leave it unset, or use DDP"
+                )
+        for which in ("fwm", "idm"):
+            reason = getattr(getattr(self, which).model, "fsdp2_unsupported", None)
+            if reason:
+                raise ValueError(
+                    f"{type(getattr(self, which).model).__name__} cannot run under FSDP2Strategy: {reason}"
+                )
+        for which in ("fwm", "idm"):
+            policy = getattr(self, which).model
+            if h.lora is None:  # a deepcopy of a sharded model is not possible: copied now, given weights later
+                setattr(self, f"{which}_ref", copy.deepcopy(policy).eval().requires_grad_(False))
+            trainable = {id(p) for p in self._trainable[which]}
+            names = {name for name, p in policy.named_parameters() if id(p) in trainable}
+            sharded = shard_backend(policy, mesh["data_parallel"])
+            # Sharding replaces the parameters (by sharded ones of the same names).
+            self._trainable[which] = [p for name, p in policy.named_parameters() if name in names]
+            if h.lora is None:
+                shard_backend(getattr(self, f"{which}_ref"), mesh["data_parallel"], select=sharded)
 
     @override
     def on_fit_start(self) -> None:
@@ -376,6 +417,9 @@ class SwirlModule(LightningModule):
         # A reference that is the SFT model never changes after SFT: written once beside the checkpoints (the first
         # save that holds it), and left out of every checkpoint, which would otherwise carry a second full model.
         folder = self._reference_dir()
+        if self.stage == "sft":  # under FSDP2 the copies exist from the start, but become references after SFT only
+            for k in [k for k in checkpoint["state_dict"] if k.startswith(("fwm_ref.", "idm_ref."))]:
+                del checkpoint["state_dict"][k]
         if self.hparams.reference != "sft" or self.hparams.lora is not None or folder is None:
             return
         state, files = checkpoint["state_dict"], {}
@@ -468,6 +512,7 @@ class SwirlModule(LightningModule):
             self.phase2_idm_step(self._rl_pairs(batch), idm_opt)
         self.log("stage", float(STAGES.index(self.stage)), batch_size=1)
         self.log("iteration", float(self.iteration), batch_size=1)
+        reshard(self)  # FSDP2 keeps a model's outer weights gathered after a forward without backward
 
     def _rl_pairs(self, batch: dict) -> dict:
         """The step's state-only pairs: the first ``rl_batch_size``, less any whose images are not finite (counted).
@@ -479,6 +524,7 @@ class SwirlModule(LightningModule):
         n = self.hparams.rl_batch_size
         pairs = {k: v[:n] for k, v in pairs.items()} if n is not None else dict(pairs)
         self._step_chunks = len(self._micro_batches(pairs))
+        self._idle_pair = (pairs["x"][:1], pairs["y"][:1]) if len(pairs["x"]) else None
         finite = torch.isfinite(pairs["x"]).flatten(1).all(1) & torch.isfinite(pairs["y"]).flatten(1).all(1)
         self.log(f"{self.stage}/nonfinite_pairs", float((~finite).sum()), batch_size=1, reduce_fx="sum")
         if finite.all():
@@ -559,8 +605,18 @@ class SwirlModule(LightningModule):
         idx = keep.nonzero().squeeze(1)
         return x[idx], y[idx], [z[i] for i in idx.tolist()]
 
+    def _idle_loss(self, policy: nn.Module) -> Tensor:
+        """The loss of a micro-batch with nothing to learn from: 0, with a gradient for every parameter. Under FSDP2 a
+        forward pass (on one pair of the step) as well, since every process must run as many as the others."""
+        pairs = self._idle_pair
+        if not is_sharded(policy) or pairs is None:
+            return zero_loss(policy)
+        x, y = pairs
+        loss = policy.sft_loss(x, ["idle"], y) if policy is self.fwm.model else policy.sft_loss(x, y, ["idle"])
+        return loss * 0
+
     def _zero_step(self, opt: Any, model: nn.Module) -> None:
-        self._step(opt, zero_loss(model))
+        self._step(opt, self._idle_loss(model))
 
     def bootstrap_fwm_step(self, pairs: dict, opt: Any) -> None:
         """The Bootstrap baseline (paper, Table 1): SFT of the FWM on the frozen IDM's filtered greedy labels."""
@@ -650,7 +706,7 @@ class SwirlModule(LightningModule):
             outs = []
             for i, chunk in enumerate(chunks):
                 if chunk is None:
-                    self.manual_backward(zero_loss(policy))
+                    self.manual_backward(self._idle_loss(policy))
                     continue
                 rollout, rewards = chunk
                 out = objective(policy, reference, rollout, rewards, beta, old_logprobs=old[i], num_terms=total)
