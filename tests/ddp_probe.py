@@ -41,3 +41,19 @@ class ShardShare(Callback):
             share[which] = local / sum(p.numel() for p in params)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"share{trainer.global_rank}.json").write_text(json.dumps(share))
+
+
+class NoLabelsOnRank1(Callback):
+    """Rank 1's Phase I steps keep no pseudo-label (as when its IDM is unsure of every pair) while rank 0's keep
+    theirs: the ranks must still take part in the same collectives (DDP's gradient averaging, FSDP2's gathers)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank != 1:
+            return
+        labels = pl_module.filtered_labels
+
+        def none_kept(pairs):
+            labels(pairs)  # the IDM labels the pairs as on every rank, then the filter keeps none
+            return None
+
+        pl_module.filtered_labels = none_kept

@@ -264,7 +264,7 @@ class SwirlModule(LightningModule):
         self._checkpoint_batches: int | None = None  # the training step of a loaded checkpoint (for test's scalars)
         self._step_chunks = 1
         self._last_step_stage: str | None = None  # the stage of the previous training step in this process
-        self._idle_pair: tuple[Tensor, Tensor] | None = None  # a pair of the step, for _idle_loss
+        self._idle_pair: tuple[Tensor, Tensor] | None = None  # a pair of the step: FSDP2's stand-in
         self._parked: dict[str, Parked] = {}  # with frozen_dtype: the frozen model's float32 data and optimiser state
 
     # ---------------------------------------------------------------- stage control (driven by SwirlSchedule)
@@ -606,8 +606,8 @@ class SwirlModule(LightningModule):
         return x[idx], y[idx], [z[i] for i in idx.tolist()]
 
     def _idle_loss(self, policy: nn.Module) -> Tensor:
-        """The loss of a micro-batch with nothing to learn from: 0, with a gradient for every parameter. Under FSDP2 a
-        forward pass (on one pair of the step) as well, since every process must run as many as the others."""
+        """The loss of a Bootstrap step with nothing to learn from: 0, with a gradient for every parameter. Under FSDP2
+        a forward pass of the SFT loss (on a pair of the step) as well, since every process must run as many."""
         pairs = self._idle_pair
         if not is_sharded(policy) or pairs is None:
             return zero_loss(policy)
@@ -632,15 +632,20 @@ class SwirlModule(LightningModule):
         """Phase I: variational information maximisation; the FWM trains with reward ``log Q_φ(z | x, ŷ)``."""
         g = self.hparams.fwm_group_size
         # Under DDP every rank must make as many backward passes: as many micro-batches as the batch came with, the
-        # ones left empty by the label filter contributing zero gradients.
+        # ones left empty by the label filter contributing zero gradients. Under FSDP2 each forward pass is a
+        # collective too: an empty micro-batch then runs in full (sampling, reward, scoring) on a stand-in pair of
+        # the step, its loss weighted 0.
         num_chunks = self._step_chunks
         labelled = self.filtered_labels(pairs) if len(pairs["x"]) else None
-        if labelled is None:
+        parts = [] if labelled is None else self._micro_batches({"x": labelled[0], "z": labelled[2]})
+        kept = len(parts)
+        if is_sharded(self.fwm.model) and self._idle_pair is not None:
+            parts += [{"x": self._idle_pair[0], "z": ["stand-in"]}] * (num_chunks - kept)
+        if not parts:
             return self.update(self.fwm_objective, self.fwm.model, None, [None] * num_chunks, opt, 0.0, "phase1")
-        x, y, z = labelled
         chunks: list[tuple[Rollout, Tensor] | None] = []
         with torch.no_grad():
-            for part in self._micro_batches({"x": x, "z": z}):
+            for part in parts:
                 rollout = self.fwm.model.sample(
                     part["x"], part["z"], num_samples=g, **(self.hparams.fwm_generation or {})
                 )
@@ -649,8 +654,10 @@ class SwirlModule(LightningModule):
                     rewards = self.idm.model.log_likelihood(x_rep, rollout.images, z_rep).float()
                 chunks.append((rollout, rewards.clamp(min=self.hparams.reward_floor)))
         chunks += [None] * (num_chunks - len(chunks))
-        self.update(self.fwm_objective, self.fwm.model, self.fwm_ref, chunks, opt, self.hparams.fwm_beta, "phase1")
-        if self._should_log_rollouts():
+        beta, stand_ins = self.hparams.fwm_beta, range(kept, len(parts))
+        self.update(self.fwm_objective, self.fwm.model, self.fwm_ref, chunks, opt, beta, "phase1", stand_ins)
+        if self._should_log_rollouts() and labelled is not None:
+            x, y, z = labelled
             rollout, rewards = chunks[0]  # never None: the first micro-batch holds the first kept pairs
             k = min(4, rollout.num_samples // g)
             shown = min(g, 4)
@@ -691,14 +698,16 @@ class SwirlModule(LightningModule):
         opt: Any,
         beta: float,
         prefix: str,
+        stand_ins: range = range(0),
     ) -> None:
         """``updates_per_rollout`` steps of ``policy`` on rollout micro-batches ``(rollout, rewards (N,))``, each step
         one backward per micro-batch (gradients accumulate to the whole batch's), under ``objective``; logs the
-        phase's scalars. A None micro-batch (no pair kept) takes part with a zero loss, as DDP needs."""
-        live = [chunk for chunk in chunks if chunk is not None]
+        phase's scalars. A None micro-batch (no pair kept) takes part with a zero loss, as DDP needs; the
+        ``stand_ins`` (indices) run in full with their loss weighted 0, as FSDP2 needs."""
+        live = [chunk for i, chunk in enumerate(chunks) if chunk is not None and i not in stand_ins]
         for rollout, rewards in live:
             assert rewards.shape == (rollout.num_samples,), (rewards.shape, rollout.num_samples)
-        total = sum(objective.num_terms(rollout, rewards) for rollout, rewards in live)
+        total = max(sum(objective.num_terms(rollout, rewards) for rollout, rewards in live), 1)
         old: list[Tensor | None] = [None] * len(chunks)
         gaps: list[Tensor] = []
         for _ in range(self.hparams.updates_per_rollout):
@@ -706,10 +715,14 @@ class SwirlModule(LightningModule):
             outs = []
             for i, chunk in enumerate(chunks):
                 if chunk is None:
-                    self.manual_backward(self._idle_loss(policy))
+                    self.manual_backward(zero_loss(policy))
                     continue
                 rollout, rewards = chunk
                 out = objective(policy, reference, rollout, rewards, beta, old_logprobs=old[i], num_terms=total)
+                if i in stand_ins:
+                    self.manual_backward(out.loss * 0)
+                    old[i] = out.logprobs
+                    continue
                 self.manual_backward(out.loss)
                 if old[i] is None and (gap := sampler_gap(out.logprobs, rollout)) is not None:
                     gaps.append(gap)
