@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: configs/aurorabench_tiny.yaml at 256 px through DDP and FSDP2, a few steps of every stage (SFT,
-# Phase I, Phase II), printing each phase's step time and peak GPU memory; writes benchmarks/results/gpu_check.json
-# (and $OUT/gpu_check.json when $OUT is set). Sized for one GPU in a few minutes, install included.
+# Phase I, Phase II), printing each phase's step time and peak GPU memory; writes
+# benchmarks/results/gpu_check_<accelerator>.json (and into $OUT when it is set). Sized for one GPU in a few minutes, install included.
 #
 #   bash benchmarks/gpu_wheels.sh   # once, on a machine with registry access: what a GPU image may lack, into .whl/
 #   bash benchmarks/gpu_check.sh    # on the GPU machine, in the repository root (.whl/ and data/aurora_256 beside)
@@ -77,8 +77,9 @@ for strategy in strategies:
               f"{'–' if cuda is None else f'{cuda:.0f}'} | {p['peak_rss_mib']:.0f} |")
 text = json.dumps(report, indent=2)
 Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-Path("benchmarks/results/gpu_check.json").write_text(text)
+name = f"gpu_check_{accelerator}.json"  # a CPU run of the same check is kept apart from a GPU's
+Path("benchmarks/results", name).write_text(text)
 if os.environ.get("OUT"):
-    Path(os.environ["OUT"], "gpu_check.json").write_text(text)
+    Path(os.environ["OUT"], name).write_text(text)
 EOF
 echo "[gpu_check] done in $(( $(date +%s) - started )) s"

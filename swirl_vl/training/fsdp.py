@@ -78,7 +78,7 @@ def shard_backend(backend: nn.Module, mesh: DeviceMesh, select: list[bool] | Non
         blocks = set()
         for module in model.modules():
             blocks |= set(getattr(module, "_no_split_modules", None) or ())
-        for module in model.modules():
+        for module in reversed(list(model.modules())):  # inner blocks first (a UNet's up block holds res blocks)
             if type(module).__name__ in blocks:
                 fully_shard(module, mesh=mesh)
         fully_shard(model, mesh=mesh)
