@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -107,7 +107,7 @@ class TokenFWM(ForwardWorldModel):
             image_size if image_size is not None else self.settings.get("image_size", self.default_image_size)
         )
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.lm = AutoModelForCausalLM.from_pretrained(folder)
+        self.lm = self._load_lm(folder)
         self.vq = load_image_tokenizer(vq_path or folder / "vq")
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.lm)
@@ -160,6 +160,10 @@ class TokenFWM(ForwardWorldModel):
 
     def _build_tiny(self, folder: Path, seed: int, vq_path: str | None) -> None:
         build_tiny_token_fwm(folder, seed=seed, vq_path=vq_path)
+
+    def _load_lm(self, folder: Path) -> nn.Module:
+        """The folder's language model, by its own library class."""
+        return AutoModelForCausalLM.from_pretrained(folder)
 
     def _vocabulary(self, num_codes: int, path: str) -> tuple[list[int], int, int]:
         """Token ids of codes ``0 … K-1``, of begin-image and of end-image: here named ``<|img_k|>`` tokens."""

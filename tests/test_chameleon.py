@@ -1,0 +1,131 @@
+"""Chameleon / Anole as a token FWM: read from transformers' Chameleon format, equal to the library's own model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from sprite_oracles import sprite_pairs
+from transformers import AutoTokenizer, ChameleonForConditionalGeneration
+
+from swirl_vl.models.chameleon import CHAMELEON_BOI, CHAMELEON_EOI, ChameleonFWM, image_token_name
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ACTIONS = ["move the red square left", "turn the blue circle"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("chameleon") / "tiny"
+    ChameleonFWM(str(path), build_tiny=True, image_size=32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fwm(folder: Path) -> ChameleonFWM:
+    return ChameleonFWM(str(folder), image_size=32).eval()
+
+
+def test_the_folder_is_chameleons_layout_with_its_image_vocabulary(folder: Path, fwm: ChameleonFWM) -> None:
+    library = ChameleonForConditionalGeneration.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert library.config.architectures == ["ChameleonForConditionalGeneration"]
+    assert library.config.vocabulary_map == tokenizer.get_vocab()
+    # Code k is the token named IMGIMG…Z for k, as the library's own mapping reads the vocabulary.
+    mapping = library.model.vocabulary_mapping
+    assert fwm.code_token_ids.tolist() == [mapping.img2bpe[k] for k in range(fwm.vq.num_codes)]
+    assert tokenizer.convert_ids_to_tokens(fwm.code_token_ids[:3].tolist()) == [image_token_name(k) for k in range(3)]
+    assert image_token_name(1207) == "IMGIMGBCAHZ"
+    assert (fwm.boi_id, fwm.eoi_id) == tuple(tokenizer.convert_tokens_to_ids([CHAMELEON_BOI, CHAMELEON_EOI]))
+    # Why the FWM holds ChameleonImageGeneration: the library's forward sets every image-token logit to the minimum.
+    ids = torch.tensor([[tokenizer.bos_token_id, fwm.boi_id]])
+    logits = library(input_ids=ids).logits
+    assert (logits[0, -1, mapping.image_tokens] == torch.finfo(logits.dtype).min).all()
+
+
+def _library_greedy(library: ChameleonForConditionalGeneration, prompt: list[int], length: int) -> list[int]:
+    """Greedy decoding on the library's own modules, uncached: its hidden states and head, argmax over its image
+    tokens (the logits before its forward masks them)."""
+    image_tokens = torch.tensor(library.model.vocabulary_mapping.image_tokens)
+    ids = torch.tensor([prompt])
+    for _ in range(length):
+        hidden = library.model(input_ids=ids).last_hidden_state[:, -1]
+        logits = library.lm_head(hidden)[0, image_tokens]
+        ids = torch.cat([ids, image_tokens[logits.argmax()].view(1, 1)], dim=1)
+    return ids[0, len(prompt) :].tolist()
+
+
+def test_greedy_image_tokens_equal_the_librarys_own_model(folder: Path, fwm: ChameleonFWM) -> None:
+    """Token for token: each prompt alone and uncached on the library's model; left-padded and cached in ours."""
+    library = ChameleonForConditionalGeneration.from_pretrained(folder).eval()
+    x, _, _ = sprite_pairs(2)
+    L = fwm.num_image_tokens
+    ours = fwm.sample(x, ACTIONS, greedy=True).context["input_ids"][:, -L:].tolist()
+    codes = fwm.encode_images(x)
+    for row, prompt in zip(ours, fwm._prompt_rows([[int(t) for t in fwm.code_token_ids[c]] for c in codes], ACTIONS)):
+        assert row == _library_greedy(library, prompt, L)
+    # The prompt is <s> action <racm3:break> x <eoss> <racm3:break>.
+    first = fwm._prompt_rows([fwm.code_token_ids[codes[0]].tolist()], ACTIONS[:1])[0]
+    assert first[0] == fwm.tokenizer.bos_token_id and first[-1] == fwm.boi_id
+    assert first[-L - 3] == fwm.boi_id and first[-2] == fwm.eoi_id
+
+
+def test_log_likelihood_is_the_library_models_mean_code_logprob(folder: Path, fwm: ChameleonFWM) -> None:
+    library = ChameleonForConditionalGeneration.from_pretrained(folder).eval()
+    x, y, _ = sprite_pairs(2)
+    L = fwm.num_image_tokens
+    ours = fwm.log_likelihood(x, ACTIONS, y)
+    prompts = fwm._prompt_rows([fwm.code_token_ids[c].tolist() for c in fwm.encode_images(x)], ACTIONS)
+    codes = fwm.encode_images(y)
+    for value, prompt, target in zip(ours, prompts, codes):
+        ids = torch.tensor([prompt + fwm.code_token_ids[target].tolist()])
+        with torch.no_grad():
+            hidden = library.model(input_ids=ids).last_hidden_state[0, -L - 1 : -1]
+            logits = library.lm_head(hidden)[:, library.model.vocabulary_mapping.image_tokens]
+        # image_tokens is sorted by id, and so are the codes' ids here: column k is code k.
+        direct = logits.log_softmax(-1).gather(-1, target[:, None]).mean()
+        torch.testing.assert_close(value, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_sft_trains_the_language_model_and_saves_as_the_library_class(folder: Path, tmp_path: Path) -> None:
+    fwm = ChameleonFWM(str(folder), image_size=32)
+    encoder = {k: v.clone() for k, v in fwm.lm.model.vqmodel.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in fwm.parameters() if p.requires_grad], lr=3e-3)
+    x, y, z = sprite_pairs(4)
+    first = fwm.sft_loss(x, z, y)
+    for _ in range(10):
+        loss = fwm.sft_loss(x, z, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert fwm.sft_loss(x, z, y) < 0.7 * first
+    # The folder's own VQGAN encoder is frozen (codes come from the image tokenizer in vq/).
+    assert all(torch.equal(v, encoder[k]) for k, v in fwm.lm.model.vqmodel.state_dict().items())
+    fwm.save_pretrained(tmp_path / "saved")
+    library = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    assert library.config.architectures == ["ChameleonForConditionalGeneration"]
+    saved, ours = library.state_dict(), fwm.lm.state_dict()
+    assert saved.keys() == ours.keys() and all(torch.equal(saved[k], ours[k]) for k in saved)
+    again = ChameleonFWM(str(tmp_path / "saved"))
+    assert again.image_size == 32
+    torch.testing.assert_close(again.log_likelihood(x, z, y), fwm.eval().log_likelihood(x, z, y), rtol=0, atol=0)
+
+
+def test_the_chameleon_config_runs_sft_and_both_phases(tmp_path: Path) -> None:
+    """``configs/sprites_chameleon.yaml`` through the CLI on a tiny schedule; the saved FWM loads in the library."""
+    import json
+
+    from tests.test_cli import REPO, _run, _tiny_args
+
+    args = _tiny_args(tmp_path, tmp_path / "data", "--schedule.sft_steps", "2", "--schedule.iterations", "1")
+    args[1] = str(REPO / "configs" / "sprites_chameleon.yaml")
+    args += ["--schedule.phase1_steps", "2", "--schedule.phase2_steps", "1"]
+    proc = _run(["fit", *args])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run = next((tmp_path / "runs" / "sprites_chameleon").glob("version_*"))
+    phases = json.loads((run / "swirl_phases.json").read_text())
+    assert [p["stage"] for p in phases] == ["sft", "phase1", "phase2"]
+    saved = run / "pretrained" / "iteration_1_phase1" / "fwm"
+    assert isinstance(ChameleonForConditionalGeneration.from_pretrained(saved), ChameleonForConditionalGeneration)
+    assert ChameleonFWM(str(saved)).image_size == 32
