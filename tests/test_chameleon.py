@@ -129,3 +129,22 @@ def test_the_chameleon_config_runs_sft_and_both_phases(tmp_path: Path) -> None:
     saved = run / "pretrained" / "iteration_1_phase1" / "fwm"
     assert isinstance(ChameleonForConditionalGeneration.from_pretrained(saved), ChameleonForConditionalGeneration)
     assert ChameleonFWM(str(saved)).image_size == 32
+
+
+def test_the_chameleon_idm_scores_its_samples_and_shares_the_world_models_weights(folder: Path) -> None:
+    from swirl_vl.models.chameleon import ChameleonIDM
+
+    idm = ChameleonIDM(str(folder), image_size=32, max_new_tokens=6).eval()
+    x, y, _ = sprite_pairs(2)
+    torch.manual_seed(0)
+    rollout = idm.sample(x, y, num_samples=3)
+    logp, _ = idm.rollout_logprobs(rollout)
+    torch.testing.assert_close(logp[rollout.mask], rollout.old_logprobs[rollout.mask], rtol=1e-4, atol=1e-4)
+    # The prompt holds both images between Chameleon's image brackets; actions are text, never image tokens.
+    answers = rollout.context["input_ids"][:, -rollout.mask.shape[1] :]
+    assert (answers[rollout.mask] < min(idm.code_token_ids.tolist())).all()
+    fwm = ChameleonFWM(str(folder), image_size=32)
+    shared = ChameleonIDM.sharing(fwm)
+    assert shared.lm is fwm.lm
+    with pytest.raises(TypeError, match="ChameleonFWM"):
+        ChameleonIDM.sharing(object())

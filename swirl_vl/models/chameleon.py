@@ -45,6 +45,7 @@ from typing_extensions import override
 from swirl_vl.models.image_tokenizer import load_image_tokenizer
 from swirl_vl.models.text import _SEED_CORPUS
 from swirl_vl.models.token_fwm import TokenFWM, write_tiny_lm_folder
+from swirl_vl.models.token_idm import TokenIDM
 from swirl_vl.models.vq import SHIPPED_SPRITE_VQ
 
 CHAMELEON_BOI, CHAMELEON_EOI, CHAMELEON_IMAGE = "<racm3:break>", "<eoss>", "<image>"
@@ -183,3 +184,11 @@ def build_tiny_chameleon(path: str | Path, seed: int = 0, vq_path: str | Path | 
         },
     )
     return write_tiny_lm_folder(path, ChameleonForConditionalGeneration, config, tokenizer, seed, vq_source)
+
+
+class ChameleonIDM(TokenIDM):
+    """``Q_φ(z | x, y)`` on a Chameleon / Anole folder (``ChameleonFWM``'s format): the action after both images,
+    ``<s> <racm3:break> x <eoss> <racm3:break> y <eoss>`` → ``z </s>``. ``ChameleonIDM.sharing(fwm)`` runs it on the
+    world model's own model (``shared_base``)."""
+
+    fwm_class = ChameleonFWM
