@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from swirl_vl.training.precision import DTYPES
 
@@ -26,9 +27,14 @@ MIB = 2**20
 
 
 def parameter_bytes(params: Iterable[nn.Parameter]) -> int:
-    """Bytes of ``params``, each tensor counted once (a shared base appears under both models)."""
+    """Bytes of ``params`` on this device, each tensor counted once (a shared base appears under both models); of a
+    parameter sharded by FSDP2, this process's shard."""
     unique = {id(p): p for p in params}
-    return sum(p.numel() * p.element_size() for p in unique.values())
+    return sum(_local(p).numel() * p.element_size() for p in unique.values())
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
 
 
 def decoder_activation_bytes(
@@ -106,7 +112,7 @@ def parked_bytes(module: SwirlModule, frozen: str, dtype: torch.dtype) -> int:
     (the moments are dropped with ``fresh_rl_optimizer``)."""
     floats = [p for p in getattr(module, frozen).model.parameters() if p.is_floating_point()]
     weights = parameter_bytes(floats)
-    copy = sum(p.numel() for p in {id(p): p for p in floats}.values()) * dtype.itemsize
+    copy = sum(_local(p).numel() for p in {id(p): p for p in floats}.values()) * dtype.itemsize
     moments = 2 * parameter_bytes(module.trained_parameters(frozen))  # AdamW's, once it has stepped
     if module.device.type == "cpu":
         return copy - (moments if module.hparams.fresh_rl_optimizer else 0)
