@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, trainers
 from torch import nn
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration, LlamaTokenizer
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -42,8 +41,9 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.chameleon.modeling_chameleon import ChameleonImageVocabularyMapping
 from typing_extensions import override
 
+from swirl_vl.models.chameleon_vqgan import VQGAN_DOWNLOAD
 from swirl_vl.models.image_tokenizer import load_image_tokenizer
-from swirl_vl.models.text import _SEED_CORPUS
+from swirl_vl.models.text import byte_fallback_bpe
 from swirl_vl.models.token_fwm import TokenFWM, write_tiny_lm_folder
 from swirl_vl.models.token_idm import TokenIDM
 from swirl_vl.models.vq import SHIPPED_SPRITE_VQ
@@ -101,12 +101,7 @@ class ChameleonFWM(TokenFWM):
 
     @classmethod
     def _download_hint(cls) -> str:
-        return (
-            "Download Anole (`hf download leloy/Anole-7b-v0.1-hf --local-dir PATH`) and Chameleon's VQGAN "
-            "(`hf download GAIR/Anole-7b-v0.1 tokenizer/vqgan.ckpt tokenizer/vqgan.yaml --local-dir anole`), convert "
-            "the VQGAN (`python -m swirl_vl.models.chameleon_vqgan anole/tokenizer/vqgan.ckpt "
-            "anole/tokenizer/vqgan.yaml PATH/vq`), or set build_tiny: true to write a tiny model there."
-        )
+        return f"Download Anole (`hf download leloy/Anole-7b-v0.1-hf --local-dir PATH`) and {VQGAN_DOWNLOAD}"
 
     @override
     def _build_tiny(self, folder: Path, seed: int, vq_path: str | None) -> None:
@@ -138,16 +133,10 @@ def build_chameleon_tokenizer(num_codes: int, vocab_size: int = 600) -> LlamaTok
     """A tiny Llama tokenizer (BPE with byte fallback, as Chameleon's) with Chameleon's special tokens and one
     ``IMGIMG…Z`` token per image code. Deterministic."""
     specials = ["<unk>", "<s>", "</s>", "<pad>", CHAMELEON_BOI, CHAMELEON_EOI, CHAMELEON_IMAGE]
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, show_progress=False)
-    tok.train_from_iterator(list(_SEED_CORPUS), trainer=trainer)
-    bpe = json.loads(tok.to_str())["model"]
-    vocab = dict(bpe["vocab"])
+    vocab, merges = byte_fallback_bpe(specials, vocab_size)
     for k in range(num_codes):  # image tokens after the text vocabulary, each a whole token of its own
         vocab[image_token_name(k)] = len(vocab)
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=[tuple(m) for m in bpe["merges"]], pad_token="<pad>")
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, pad_token="<pad>")
     tokenizer.add_special_tokens({"additional_special_tokens": [CHAMELEON_BOI, CHAMELEON_EOI, CHAMELEON_IMAGE]})
     return tokenizer
 

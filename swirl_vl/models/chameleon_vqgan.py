@@ -6,7 +6,7 @@ keeps only its encoder, so it cannot turn generated codes back into pixels. The 
 ``VQModel``: the encoder and decoder keys map as diffusers maps latent-diffusion autoencoders
 (``convert_ldm_vae_checkpoint``), and the codebook and 1×1 convolutions keep their names. The discriminator
 (``loss.*``) is dropped. The converted folder loads with ``VQModel.from_pretrained`` and serves as ``vq_path``
-of ``LiquidFWM``.
+of ``LiquidFWM`` and ``ChameleonFWM``.
 
     python -m swirl_vl.models.chameleon_vqgan anole/tokenizer/vqgan.ckpt anole/tokenizer/vqgan.yaml models/chameleon_vq
 """
@@ -23,6 +23,13 @@ from diffusers import VQModel
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from swirl_vl.models.base import write_folder_atomically
+
+VQGAN_DOWNLOAD = (
+    "Chameleon's VQGAN (`hf download GAIR/Anole-7b-v0.1 tokenizer/vqgan.ckpt tokenizer/vqgan.yaml --local-dir "
+    "anole`), convert the VQGAN (`python -m swirl_vl.models.chameleon_vqgan anole/tokenizer/vqgan.ckpt "
+    "anole/tokenizer/vqgan.yaml PATH/vq`), or set build_tiny: true to write a tiny model there."
+)
+"""The download hint of the families that tokenize images with Chameleon's VQGAN."""
 
 _KEPT = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.embedding.weight")
 

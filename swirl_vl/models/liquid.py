@@ -21,18 +21,17 @@ trained on a seed corpus) and an image tokenizer in ``vq/`` (default: the shippe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, trainers
 from transformers import GemmaConfig, GemmaForCausalLM, GemmaTokenizer
 from typing_extensions import override
 
 from swirl_vl.models.base import InverseDynamicsModel, Rollout, saved_settings
+from swirl_vl.models.chameleon_vqgan import VQGAN_DOWNLOAD
 from swirl_vl.models.image_tokenizer import load_image_tokenizer
-from swirl_vl.models.text import _SEED_CORPUS
+from swirl_vl.models.text import byte_fallback_bpe
 from swirl_vl.models.token_fwm import TokenFWM, write_tiny_lm_folder
 from swirl_vl.models.token_idm import TokenIDM
 from swirl_vl.models.vq import SHIPPED_SPRITE_VQ
@@ -90,12 +89,7 @@ class LiquidFWM(TokenFWM):
 
     @classmethod
     def _download_hint(cls) -> str:
-        return (
-            "Download Liquid (`hf download Junfeng5/Liquid_V1_7B --local-dir PATH`) and Chameleon's VQGAN "
-            "(`hf download GAIR/Anole-7b-v0.1 tokenizer/vqgan.ckpt tokenizer/vqgan.yaml --local-dir anole`), convert "
-            "the VQGAN (`python -m swirl_vl.models.chameleon_vqgan anole/tokenizer/vqgan.ckpt "
-            "anole/tokenizer/vqgan.yaml PATH/vq`), or set build_tiny: true to write a tiny model there."
-        )
+        return f"Download Liquid (`hf download Junfeng5/Liquid_V1_7B --local-dir PATH`) and {VQGAN_DOWNLOAD}"
 
     @override
     def _build_tiny(self, folder: Path, seed: int, vq_path: str | None) -> None:
@@ -146,13 +140,8 @@ def build_liquid_tokenizer(vocab_size: int = 700) -> GemmaTokenizer:
     """
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", START_OF_TURN, END_OF_TURN]
     specials += [LIQUID_BOI, LIQUID_EOI, UNCONDITIONAL]
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]  # byte fallback: any string round-trips
-    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, show_progress=False)
-    tok.train_from_iterator(list(_SEED_CORPUS), trainer=trainer)
-    bpe = json.loads(tok.to_str())["model"]
-    tokenizer = GemmaTokenizer(vocab=bpe["vocab"], merges=[tuple(m) for m in bpe["merges"]], add_bos_token=True)
+    vocab, merges = byte_fallback_bpe(specials, vocab_size)
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
     tokenizer.add_special_tokens({"additional_special_tokens": specials[5:]})  # already in the vocabulary
     return tokenizer
 

@@ -51,3 +51,19 @@ def build_text_tokenizer(
         eos_token=EOS,
         additional_special_tokens=list(special_tokens),
     )
+
+
+def byte_fallback_bpe(specials: list[str], vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary and merges of a BPE with byte fallback and ``▁`` for spaces (as Gemma's and Llama's
+    SentencePiece tokenizers), trained on the seed corpus with ``specials`` first. Deterministic."""
+    import json
+
+    from tokenizers import normalizers
+
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]  # byte fallback: any string round-trips
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, show_progress=False)
+    tok.train_from_iterator(list(_SEED_CORPUS), trainer=trainer)
+    bpe = json.loads(tok.to_str())["model"]
+    return dict(bpe["vocab"]), [tuple(m) for m in bpe["merges"]]
