@@ -34,16 +34,7 @@ def build_text_tokenizer(
 
     Deterministic: the same arguments give the same vocabulary.
     """
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, EOS, *special_tokens],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(_SEED_CORPUS) + list(extra_corpus or []), trainer=trainer)
+    tok = byte_level_bpe([PAD, BOS, EOS, *special_tokens], vocab_size, extra_corpus)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD,
@@ -51,6 +42,21 @@ def build_text_tokenizer(
         eos_token=EOS,
         additional_special_tokens=list(special_tokens),
     )
+
+
+def byte_level_bpe(specials: list[str], vocab_size: int, extra_corpus: list[str] | None = None) -> Tokenizer:
+    """A byte-level BPE (GPT-2's and Qwen's kind) trained on the seed corpus, ``specials`` first. Deterministic."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(_SEED_CORPUS) + list(extra_corpus or []), trainer=trainer)
+    return tok
 
 
 def byte_fallback_bpe(specials: list[str], vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:

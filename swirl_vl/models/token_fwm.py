@@ -14,6 +14,10 @@ is ``-inf``); SFT, sampling, ``rollout_logprobs`` and ``log_likelihood`` all use
 sampler's distribution and the scored one agree. No ``<|eoi|>`` is scored or generated after ``y``: an image
 always has exactly ``L`` tokens.
 
+A family may lay an image out with fixed tokens among its codes (``_image_layout``: Emu3 ends each row with a
+row-end token): an image then takes ``S > L`` slots, the fixed tokens are generated with probability 1 and never
+scored, and everything above holds for the ``L`` code slots.
+
 Model folder: a transformers causal-LM folder (``config.json``, safetensors, tokenizer files) plus ``vq/``, a
 diffusers ``VQModel`` folder (the image tokenizer, frozen).
 """
@@ -48,7 +52,7 @@ from swirl_vl.models.base import (
     write_settings,
 )
 from swirl_vl.models.generation import LogitGuidance, RecordLogprobs, generate_groups, head_rows, tail_logits
-from swirl_vl.models.image_tokenizer import load_image_tokenizer, resize_square
+from swirl_vl.models.image_tokenizer import ImageTokenizer, load_image_tokenizer, resize_square
 from swirl_vl.models.text import build_text_tokenizer
 from swirl_vl.models.vq import SHIPPED_SPRITE_VQ
 
@@ -61,14 +65,25 @@ def image_token(code: int) -> str:
 
 
 class RestrictToImageTokens(LogitsProcessor):
-    """Sets every logit outside the image-code tokens to ``-inf`` (runs before temperature / top-p in ``generate``)."""
+    """Sets every logit outside the image-code tokens to ``-inf`` (runs before temperature / top-p in ``generate``).
 
-    def __init__(self, image_token_ids: Tensor) -> None:
+    ``layout`` (with ``prompt_length``, the width of the prompts): the image's token slots, ``-1`` where a code goes
+    and a token id where the layout puts a fixed token (Emu3's row ends); at such a step that token is the only one
+    left, so it is generated with probability 1.
+    """
+
+    def __init__(self, image_token_ids: Tensor, layout: Tensor | None = None, prompt_length: int = 0) -> None:
         self.image_token_ids = image_token_ids
+        self.fixed = None if layout is None or (layout < 0).all() else layout.tolist()
+        self.prompt_length = prompt_length
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         restricted = torch.full_like(scores, float("-inf"))
-        restricted[:, self.image_token_ids] = scores[:, self.image_token_ids]
+        step = input_ids.shape[1] - self.prompt_length
+        if self.fixed is not None and step < len(self.fixed) and self.fixed[step] >= 0:
+            restricted[:, self.fixed[step]] = scores[:, self.fixed[step]]
+        else:
+            restricted[:, self.image_token_ids] = scores[:, self.image_token_ids]
         return restricted
 
 
@@ -108,7 +123,7 @@ class TokenFWM(ForwardWorldModel):
         )
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.lm = self._load_lm(folder)
-        self.vq = load_image_tokenizer(vq_path or folder / "vq")
+        self.vq = self._load_image_tokenizer(folder, vq_path)
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.lm)
         self.grid = self.vq.grid(self.image_size)
@@ -130,6 +145,11 @@ class TokenFWM(ForwardWorldModel):
         token_to_code = torch.full((vocab,), -1, dtype=torch.long)
         token_to_code[self.code_token_ids] = torch.arange(num_codes)
         self.register_buffer("token_to_code", token_to_code, persistent=False)
+        # An image's S token slots in a sequence: -1 where a code goes, else the fixed token the layout puts there.
+        layout = torch.tensor(self._image_layout(), dtype=torch.long)
+        self.register_buffer("image_layout", layout, persistent=False)
+        self.register_buffer("code_slots", (layout < 0).nonzero().squeeze(1), persistent=False)
+        self.image_length = len(layout)
 
     # ---------------------------------------------------------------------------------------- the folder format
     # Overridden by each model family (``LiquidFWM``): where the image codes sit in the vocabulary, the prompt.
@@ -164,6 +184,18 @@ class TokenFWM(ForwardWorldModel):
     def _load_lm(self, folder: Path) -> nn.Module:
         """The folder's language model, by its own library class."""
         return AutoModelForCausalLM.from_pretrained(folder)
+
+    def _image_layout(self) -> list[int]:
+        """An image's token slots in raster order, ``-1`` for a code and a token id for a fixed token: here the
+        ``L`` codes alone (Emu3 ends every row with a fixed token)."""
+        return [-1] * self.num_image_tokens
+
+    def _load_image_tokenizer(self, folder: Path, vq_path: str | None) -> ImageTokenizer:
+        """The frozen image tokenizer: ``vq_path``, default ``<folder>/vq``."""
+        return load_image_tokenizer(vq_path or folder / "vq")
+
+    vq_in_lm: bool = False
+    """Whether the image tokenizer is a part of the language model's folder (then not written to ``vq/``)."""
 
     def _vocabulary(self, num_codes: int, path: str) -> tuple[list[int], int, int]:
         """Token ids of codes ``0 … K-1``, of begin-image and of end-image: here named ``<|img_k|>`` tokens."""
@@ -216,6 +248,21 @@ class TokenFWM(ForwardWorldModel):
         """VQ codes ``(N, L)`` → images ``(N, 3, image_size, image_size)`` in ``[0, 1]``."""
         return self.vq.decode(codes, self.grid)
 
+    def image_token_ids(self, codes: Tensor) -> Tensor:
+        """VQ codes ``(B, L)`` → the image's tokens ``(B, S)`` in the sequence: code tokens in the layout's slots."""
+        tokens = self.code_token_ids[codes]
+        if self.image_length == codes.shape[1]:
+            return tokens
+        slots = self.image_layout.expand(codes.shape[0], -1).clone()
+        slots[:, self.code_slots] = tokens
+        return slots
+
+    def image_codes(self, tokens: Tensor) -> Tensor:
+        """An image's tokens ``(N, S)`` (the last ``S`` of a sequence) → its VQ codes ``(N, L)``."""
+        if self.image_length != self.num_image_tokens:
+            tokens = tokens[:, self.code_slots]
+        return self.token_to_code[tokens]
+
     def prompt_ids(
         self, x: Tensor, z: list[str], group_size: int = 1, unconditional: list[bool] | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -223,7 +270,7 @@ class TokenFWM(ForwardWorldModel):
         that get the prompt without the action instead (``_unconditional_rows``; SFT's guidance dropout)."""
         if len(z) != x.shape[0]:
             raise ValueError(f"{x.shape[0]} images but {len(z)} actions")
-        x_tokens = self.code_token_ids[self.encode_images(x, group_size)].tolist()
+        x_tokens = self.image_token_ids(self.encode_images(x, group_size)).tolist()
         rows = self._prompt_rows(x_tokens, z)
         if unconditional is not None and any(unconditional):
             plain = self._unconditional_rows(x_tokens)
@@ -232,7 +279,7 @@ class TokenFWM(ForwardWorldModel):
 
     def unconditional_prompt_ids(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Left-padded prompts without the action (``_unconditional_rows``), for classifier-free guidance."""
-        return self._left_padded(self._unconditional_rows(self.code_token_ids[self.encode_images(x)].tolist()))
+        return self._left_padded(self._unconditional_rows(self.image_token_ids(self.encode_images(x)).tolist()))
 
     def _left_padded(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
         width = max(map(len, rows))
@@ -246,9 +293,9 @@ class TokenFWM(ForwardWorldModel):
     def pair_ids(
         self, x: Tensor, z: list[str], y: Tensor, group_size: int = 1, unconditional: list[bool] | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Prompt followed by ``y``'s code tokens: ids and attention mask ``(B, T + L)``."""
+        """Prompt followed by ``y``'s image tokens: ids and attention mask ``(B, T + S)``."""
         ids, mask = self.prompt_ids(x, z, group_size, unconditional)
-        y_tokens = self.code_token_ids[self.encode_images(y, group_size)]  # (B, L)
+        y_tokens = self.image_token_ids(self.encode_images(y, group_size))  # (B, S)
         return torch.cat([ids, y_tokens], 1), torch.cat([mask, torch.ones_like(y_tokens)], 1)
 
     def code_logprobs(
@@ -259,24 +306,27 @@ class TokenFWM(ForwardWorldModel):
         group_size: int = 1,
         unconditional: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
-        """``(N, L)`` log-probs, under the policy restricted to image codes, of the last ``L`` tokens of each row.
+        """``(N, L)`` log-probs, under the policy restricted to image codes, of the ``L`` codes among the last ``S``
+        tokens of each row (the image's slots; a fixed token has probability 1 and is not scored).
 
         ``temperature``: the logits are divided by it first (a rollout's sampling temperature; 1 for likelihoods).
         ``group_size``: rows come in groups that share their prompt (a rollout); it then runs once per group.
         ``unconditional``: the same tails after the unconditional prompts: the logits are then guided,
         ``u + guidance_scale · (c − u)``, as ``sample`` drew them.
         """
-        L = self.num_image_tokens
+        S = self.image_length
         # Only the tail is scored, at the positions generate() uses, and the head computes the K code rows only
         # (a real model's 264k-word head would otherwise dominate the memory of scoring 1,024 positions).
         with head_rows(self.lm, self.code_token_ids):
-            logits = tail_logits(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask}, L, group_size)
-            logits = logits.float()  # (N, L, K): t predicts t + 1
+            logits = tail_logits(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask}, S, group_size)
+            logits = logits.float()  # (N, S, K): t predicts t + 1
             if unconditional is not None:
-                u = tail_logits(self.lm, unconditional, L, group_size).float()
+                u = tail_logits(self.lm, unconditional, S, group_size).float()
                 logits = u + self.guidance_scale * (logits - u)
+        if S != self.num_image_tokens:
+            logits = logits[:, self.code_slots]  # (N, L, K)
         logits = logits / temperature
-        targets = self.token_to_code[input_ids[:, -L:]]  # (N, L)
+        targets = self.image_codes(input_ids[:, -S:])  # (N, L)
         return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
     # ---------------------------------------------------------------------------------------- interface
@@ -306,26 +356,26 @@ class TokenFWM(ForwardWorldModel):
         prefills each prompt once.
 
         Returns images ``(B*G, 3, H, W)`` in ``[0, 1]``, ``old_logprobs`` / ``mask`` ``(B*G, L)`` (at ``temperature``)
-        and ``context = {"input_ids", "attention_mask"}`` ``(B*G, T + L)``. ``greedy`` takes the argmax (``G = 1``;
+        and ``context = {"input_ids", "attention_mask"}`` ``(B*G, T + S)``. ``greedy`` takes the argmax (``G = 1``;
         scored at temperature 1). Old log-probs are the sampler's own, equal to ``rollout_logprobs`` up to float error.
         """
         if greedy and num_samples != 1:
             raise ValueError(f"greedy decoding is deterministic: use num_samples=1, not {num_samples}")
         ids, mask = self.prompt_ids(x, z)
-        L = self.num_image_tokens
+        S = self.image_length
         sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p}
         config = GenerationConfig(
-            max_new_tokens=L,
-            min_new_tokens=L,
+            max_new_tokens=S,
+            min_new_tokens=S,
             top_k=None if greedy else top_k,  # applied within the image codes (after the restriction)
             pad_token_id=self.pad_id,
-            eos_token_id=None,  # an image is exactly L tokens; nothing may end it early
+            eos_token_id=None,  # an image is exactly S tokens; nothing may end it early
             use_cache=True,
             **sampling,
         )
         scored_temperature = 1.0 if greedy else temperature
         recorder = RecordLogprobs(scored_temperature)  # after the restriction: log-probs over the image codes
-        processors = [RestrictToImageTokens(self.code_token_ids), recorder]
+        processors = [RestrictToImageTokens(self.code_token_ids, self.image_layout, ids.shape[1]), recorder]
         if self.guidance_scale != 1:
             u_ids, u_mask = self.unconditional_prompt_ids(x)
             unconditional = {"input_ids": u_ids, "attention_mask": u_mask}
@@ -336,19 +386,21 @@ class TokenFWM(ForwardWorldModel):
             num_samples,
             generation_config=config,
             logits_processor=LogitsProcessorList(processors),
-        )  # (N, T + L)
+        )  # (N, T + S)
         mask = mask.repeat_interleave(num_samples, 0)
-        full_mask = torch.cat([mask, torch.ones_like(mask[:, :L])], 1)
-        images = self.decode_codes(self.token_to_code[sequences[:, -L:]])
+        full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], S)], 1)
+        images = self.decode_codes(self.image_codes(sequences[:, -S:]))
         context = {"input_ids": sequences, "attention_mask": full_mask}
         if self.guidance_scale != 1:  # the unconditional prompts followed by the same sampled codes
             u_mask = u_mask.repeat_interleave(num_samples, 0)
             context["unconditional_input_ids"] = torch.cat(
-                [u_ids.repeat_interleave(num_samples, 0), sequences[:, -L:]], 1
+                [u_ids.repeat_interleave(num_samples, 0), sequences[:, -S:]], 1
             )
-            context["unconditional_attention_mask"] = torch.cat([u_mask, torch.ones_like(u_mask[:, :L])], 1)
-        # The sampler's own log-probs, recorded during generate (no second forward pass).
+            context["unconditional_attention_mask"] = torch.cat([u_mask, u_mask.new_ones(u_mask.shape[0], S)], 1)
+        # The sampler's own log-probs, recorded during generate (no second forward pass), at the code slots.
         old_logprobs = recorder.finish(sequences)
+        if S != self.num_image_tokens:
+            old_logprobs = old_logprobs[:, self.code_slots]
         return Rollout(
             group_size=num_samples,
             old_logprobs=old_logprobs,
@@ -385,7 +437,8 @@ class TokenFWM(ForwardWorldModel):
         path = Path(path)
         self.lm.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        self.vq.save_pretrained(path / "vq")
+        if not self.vq_in_lm:
+            self.vq.save_pretrained(path / "vq")
         write_settings(path, self._settings())
 
     def _settings(self) -> dict[str, Any]:
@@ -427,20 +480,23 @@ def build_tiny_token_fwm(path: str | Path, seed: int = 0, vq_path: str | Path | 
 
 
 def write_tiny_lm_folder(
-    path: Path, model_class: type, config: Any, tokenizer: Any, seed: int, vq_source: Path
+    path: Path, model_class: type, config: Any, tokenizer: Any, seed: int, vq_source: Path | None
 ) -> Path:
-    """Build ``model_class(config)`` under ``seed`` and write it with ``tokenizer`` and a copy of the image tokenizer
-    ``vq_source`` in ``vq/`` to ``path``, atomically (the tiny token-model builders' shared last step)."""
+    """Build ``model_class(config)`` under ``seed`` and write it with ``tokenizer`` (or processor) and a copy of the
+    image tokenizer ``vq_source`` in ``vq/`` (None: no ``vq/``) to ``path``, atomically (the tiny token-model
+    builders' shared last step)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)
+    text = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id
     )
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.copytree(vq_source, tmp / "vq")
+        if vq_source is not None:
+            shutil.copytree(vq_source, tmp / "vq")
 
     return write_folder_atomically(path, write)

@@ -86,7 +86,7 @@ class TokenIDM(InverseDynamicsModel):
     def _adopt(self, fwm: TokenFWM, max_new_tokens: int) -> None:
         self.lm = fwm.lm
         self.tokenizer = fwm.tokenizer
-        self.vq = fwm.vq
+        self.vq, self.vq_in_lm = fwm.vq, fwm.vq_in_lm
         self.image_size, self.grid, self.num_image_tokens = fwm.image_size, fwm.grid, fwm.num_image_tokens
         self.max_new_tokens = max_new_tokens
         self._bos, self.boi_id, self.eoi_id, self.pad_id = fwm._bos, fwm.boi_id, fwm.eoi_id, fwm.pad_id
@@ -94,6 +94,9 @@ class TokenIDM(InverseDynamicsModel):
         if self.eos_token_id is None:
             raise ValueError(f"{type(self).__name__} needs a tokenizer with an end-of-sequence token to end actions")
         self.register_buffer("code_token_ids", fwm.code_token_ids, persistent=False)
+        self.register_buffer("image_layout", fwm.image_layout, persistent=False)
+        self.register_buffer("code_slots", fwm.code_slots, persistent=False)
+        self.image_length = fwm.image_length
         stops = stop_tokens(self.lm, self.eos_token_id, self.tokenizer.eos_token_id)
         self.register_buffer("stop_token_ids", stops, persistent=False)
         self._pieces = self._prompt_pieces()
@@ -106,8 +109,10 @@ class TokenIDM(InverseDynamicsModel):
         self.register_buffer("non_text_ids", torch.arange(vocab)[non_text], persistent=False)
 
     # TokenFWM's image coding and folder writing, verbatim: they read only ``vq``, ``image_size``, ``lm``,
-    # ``tokenizer`` and ``device``, which TokenIDM holds under the same names; both models then see identical codes.
+    # ``tokenizer``, ``device`` and the image layout's buffers, which TokenIDM holds under the same names; both
+    # models then see identical codes.
     encode_images = TokenFWM.encode_images
+    image_token_ids = TokenFWM.image_token_ids
     save_pretrained = TokenFWM.save_pretrained
     _settings = TokenFWM._settings
     device = TokenFWM.device
@@ -142,7 +147,7 @@ class TokenIDM(InverseDynamicsModel):
         """Prompts ``before x between y after`` (``_prompt_pieces``; here ``<bos> <boi> x <eoi> <boi> y <eoi>``):
         ids and attention mask, both ``(B, P)`` (every prompt has the same length: no padding)."""
         assert x.shape == y.shape and x.ndim == 4, (x.shape, y.shape)
-        codes = self.code_token_ids[self.encode_images(torch.cat([x, y]))]  # (2B, L)
+        codes = self.image_token_ids(self.encode_images(torch.cat([x, y])))  # (2B, S)
         x_tokens, y_tokens = codes.chunk(2)
 
         def columns(token_ids: list[int]) -> Tensor:

@@ -63,10 +63,10 @@ def rollout_activation_bytes(policy: nn.Module, rows: int, group_size: int) -> i
 
     head_rows = None
     if isinstance(policy, TokenFWM):
-        config, prompt, scored = policy.lm.config, policy.num_image_tokens + 24, policy.num_image_tokens
+        config, prompt, scored = policy.lm.config.get_text_config(), policy.image_length + 24, policy.image_length
         head_rows = len(policy.code_token_ids)  # code_logprobs' head computes the image codes only
     elif isinstance(policy, TokenIDM):
-        config, prompt, scored = policy.lm.config, 2 * policy.num_image_tokens + 5, policy.max_new_tokens
+        config, prompt, scored = policy.lm.config.get_text_config(), 2 * policy.image_length + 5, policy.max_new_tokens
     elif isinstance(policy, VLMIDM):
         config = policy.model.config.get_text_config()
         vision = getattr(policy.model.config, "vision_config", None)
