@@ -7,6 +7,7 @@ names the action that explains a transition. ``blind=True`` makes each ignore it
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -131,3 +132,15 @@ def sprite_pairs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, lis
         ys.append(render_tensor(states[1]))
         zs.append(actions[0])
     return torch.stack(xs), torch.stack(ys), zs
+
+
+def sft_loss_after(model: nn.Module, loss: Callable[[], Tensor], steps: int, lr: float = 3e-3) -> tuple[float, float]:
+    """``loss()`` before and after ``steps`` AdamW steps on ``model``'s trainable parameters (a model learns)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    first = loss().item()
+    for _ in range(steps):
+        value = loss()
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    return first, loss().item()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sprite_oracles import sprite_pairs
+from sprite_oracles import sft_loss_after, sprite_pairs
 from transformers import AutoTokenizer, ChameleonForConditionalGeneration
 
 from swirl_vl.models.chameleon import CHAMELEON_BOI, CHAMELEON_EOI, ChameleonFWM, image_token_name
@@ -91,15 +91,9 @@ def test_log_likelihood_is_the_library_models_mean_code_logprob(folder: Path, fw
 def test_sft_trains_the_language_model_and_saves_as_the_library_class(folder: Path, tmp_path: Path) -> None:
     fwm = ChameleonFWM(str(folder), image_size=32)
     encoder = {k: v.clone() for k, v in fwm.lm.model.vqmodel.state_dict().items()}
-    opt = torch.optim.AdamW([p for p in fwm.parameters() if p.requires_grad], lr=3e-3)
     x, y, z = sprite_pairs(4)
-    first = fwm.sft_loss(x, z, y)
-    for _ in range(10):
-        loss = fwm.sft_loss(x, z, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert fwm.sft_loss(x, z, y) < 0.7 * first
+    first, last = sft_loss_after(fwm, lambda: fwm.sft_loss(x, z, y), steps=10)
+    assert last < 0.7 * first
     # The folder's own VQGAN encoder is frozen (codes come from the image tokenizer in vq/).
     assert all(torch.equal(v, encoder[k]) for k, v in fwm.lm.model.vqmodel.state_dict().items())
     fwm.save_pretrained(tmp_path / "saved")
@@ -114,18 +108,9 @@ def test_sft_trains_the_language_model_and_saves_as_the_library_class(folder: Pa
 
 def test_the_chameleon_config_runs_sft_and_both_phases(tmp_path: Path) -> None:
     """``configs/sprites_chameleon.yaml`` through the CLI on a tiny schedule; the saved FWM loads in the library."""
-    import json
+    from tests.test_cli import fit_tiny_schedule
 
-    from swirl_vl.cli import main
-    from tests.test_cli import REPO, _tiny_args
-
-    args = _tiny_args(tmp_path, tmp_path / "data", "--schedule.sft_steps", "2", "--schedule.iterations", "1")
-    args[1] = str(REPO / "configs" / "sprites_chameleon.yaml")
-    args += ["--schedule.phase1_steps", "2", "--schedule.phase2_steps", "1"]
-    main(["fit", *args])  # in this process: the CLI's start-up (~8 s of imports) is paid once per test worker
-    run = next((tmp_path / "runs" / "sprites_chameleon").glob("version_*"))
-    phases = json.loads((run / "swirl_phases.json").read_text())
-    assert [p["stage"] for p in phases] == ["sft", "phase1", "phase2"]
+    run = fit_tiny_schedule(tmp_path, "sprites_chameleon.yaml")
     saved = run / "pretrained" / "iteration_1_phase1" / "fwm"
     assert isinstance(ChameleonForConditionalGeneration.from_pretrained(saved), ChameleonForConditionalGeneration)
     assert ChameleonFWM(str(saved)).image_size == 32

@@ -78,6 +78,22 @@ def _tiny_args(tmp: Path, data_root: Path, *extra: str) -> list[str]:
     ]
 
 
+def fit_tiny_schedule(tmp_path: Path, config: str, *extra: str, phase2_steps: int = 1) -> Path:
+    """``configs/<config>`` through ``fit`` in this process (the CLI's ~8 s of imports paid once per test worker) on
+    a tiny schedule: 2 SFT steps, one iteration of 2 Phase I and ``phase2_steps`` Phase II steps, then ``extra``
+    arguments. Checks the stages ran in that order; returns the run folder."""
+    from swirl_vl.cli import main
+
+    args = _tiny_args(tmp_path, tmp_path / "data", "--schedule.sft_steps", "2", "--schedule.iterations", "1")
+    args[1] = str(REPO / "configs" / config)
+    args += ["--schedule.phase1_steps", "2", "--schedule.phase2_steps", str(phase2_steps), *extra]
+    main(["fit", *args])
+    run = next((tmp_path / "runs" / Path(config).stem).glob("version_*"))
+    phases = json.loads((run / "swirl_phases.json").read_text())
+    assert [p["stage"] for p in phases] == ["sft", "phase1", "phase2"]
+    return run
+
+
 def _run(args: list[str], timeout: float = 300, threads: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if threads is not None:  # DDP ranks on 2 cores: one thread each, or they spin waiting on each other

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sprite_oracles import sprite_pairs
+from sprite_oracles import sft_loss_after, sprite_pairs
 from transformers import Emu3ForConditionalGeneration, Emu3Processor
 
 from swirl_vl.models.emu3 import EMU3_EOL, Emu3FWM, Emu3IDM, build_tiny_emu3, visual_token_name
@@ -139,15 +139,9 @@ def test_log_likelihood_is_the_library_models_mean_code_logprob(folder: Path, fw
 def test_sft_trains_the_language_model_and_saves_as_the_library_class(folder: Path, tmp_path: Path) -> None:
     fwm = Emu3FWM(str(folder), image_size=32)
     vq = {k: v.clone() for k, v in fwm.lm.model.vqmodel.state_dict().items()}
-    opt = torch.optim.AdamW([p for p in fwm.parameters() if p.requires_grad], lr=3e-3)
     x, y, z = sprite_pairs(4)
-    first = fwm.sft_loss(x, z, y)
-    for _ in range(20):
-        loss = fwm.sft_loss(x, z, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert fwm.sft_loss(x, z, y) < 0.7 * first
+    first, last = sft_loss_after(fwm, lambda: fwm.sft_loss(x, z, y), steps=20)
+    assert last < 0.7 * first
     assert all(torch.equal(v, vq[k]) for k, v in fwm.lm.model.vqmodel.state_dict().items())  # frozen
     fwm.save_pretrained(tmp_path / "saved")
     library = Emu3ForConditionalGeneration.from_pretrained(tmp_path / "saved")
@@ -183,16 +177,9 @@ def test_a_vocabulary_without_the_image_tokens_is_a_clear_error(folder: Path, tm
 
 def test_the_emu3_config_runs_sft_and_both_phases(tmp_path: Path) -> None:
     """``configs/sprites_emu3.yaml`` through the CLI on a tiny schedule; the saved FWM loads in the library."""
-    from swirl_vl.cli import main
-    from tests.test_cli import REPO, _tiny_args
+    from tests.test_cli import fit_tiny_schedule
 
-    args = _tiny_args(tmp_path, tmp_path / "data", "--schedule.sft_steps", "2", "--schedule.iterations", "1")
-    args[1] = str(REPO / "configs" / "sprites_emu3.yaml")
-    args += ["--schedule.phase1_steps", "2", "--schedule.phase2_steps", "1"]
-    main(["fit", *args])  # in this process: the CLI's start-up (~8 s of imports) is paid once per test worker
-    run = next((tmp_path / "runs" / "sprites_emu3").glob("version_*"))
-    phases = json.loads((run / "swirl_phases.json").read_text())
-    assert [p["stage"] for p in phases] == ["sft", "phase1", "phase2"]
+    run = fit_tiny_schedule(tmp_path, "sprites_emu3.yaml")
     saved = run / "pretrained" / "iteration_1_phase1" / "fwm"
     assert isinstance(Emu3ForConditionalGeneration.from_pretrained(saved), Emu3ForConditionalGeneration)
     assert Emu3FWM(str(saved)).image_size == 32
@@ -215,14 +202,8 @@ def test_the_emu3_idm_scores_its_samples_and_shares_the_world_models_weights(fol
     torch.testing.assert_close(logp[rollout.mask], rollout.old_logprobs[rollout.mask], rtol=1e-4, atol=1e-4)
     answers = rollout.context["input_ids"][:, -rollout.mask.shape[1] :]
     assert (answers[rollout.mask] < min(idm.code_token_ids.tolist())).all()  # actions are text
-    opt = torch.optim.AdamW([p for p in idm.parameters() if p.requires_grad], lr=3e-3)
-    first = idm.sft_loss(x, y, z)
-    for _ in range(10):
-        loss = idm.sft_loss(x, y, z)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert idm.sft_loss(x, y, z) < 0.7 * first
+    first, last = sft_loss_after(idm, lambda: idm.sft_loss(x, y, z), steps=10)
+    assert last < 0.7 * first
     shared = Emu3IDM.sharing(fwm)
     assert shared.lm is fwm.lm
     with pytest.raises(TypeError, match="Emu3FWM"):

@@ -200,19 +200,16 @@ def test_one_janus_model_serves_both_roles_through_two_adapters(folder: Path) ->
 def test_the_janus_config_runs_sft_and_both_phases_on_one_model_with_two_adapters(tmp_path: Path) -> None:
     """``configs/sprites_janus.yaml`` through the CLI on a tiny schedule, one Janus in both roles (``shared_base``,
     ``lora``); the saved world model and IDM load as ``JanusForConditionalGeneration``."""
-    from swirl_vl.cli import main
-    from tests.test_cli import REPO, _tiny_args
+    from tests.test_cli import fit_tiny_schedule
 
-    args = _tiny_args(tmp_path, tmp_path / "data", "--schedule.sft_steps", "2", "--schedule.iterations", "1")
-    args[1] = str(REPO / "configs" / "sprites_janus.yaml")
-    args += ["--schedule.phase1_steps", "2", "--schedule.phase2_steps", "2"]
-    args += ["--model.init_args.shared_base", "true", "--model.init_args.lora.r", "4"]
-    args += ["--model.init_args.sft_fwm_steps", "null"]  # one base: both train on every SFT step
-    args += ["--model.init_args.idm.init_args.model.init_args.path", str(tmp_path / "models" / "fwm")]
-    main(["fit", *args])  # in this process: the CLI's start-up (~8 s of imports) is paid once per test worker
-    run = next((tmp_path / "runs" / "sprites_janus").glob("version_*"))
-    phases = json.loads((run / "swirl_phases.json").read_text())
-    assert [p["stage"] for p in phases] == ["sft", "phase1", "phase2"]
+    run = fit_tiny_schedule(
+        tmp_path,
+        "sprites_janus.yaml",
+        *("--model.init_args.shared_base", "true", "--model.init_args.lora.r", "4"),
+        *("--model.init_args.sft_fwm_steps", "null"),  # one base: both train on every SFT step
+        *("--model.init_args.idm.init_args.model.init_args.path", str(tmp_path / "models" / "fwm")),
+        phase2_steps=2,
+    )
     saved = run / "pretrained"
     for model in ("iteration_1_phase1/fwm", "iteration_1_phase2/idm"):
         assert isinstance(JanusForConditionalGeneration.from_pretrained(saved / model), JanusForConditionalGeneration)

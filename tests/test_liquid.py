@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -232,16 +231,9 @@ def test_idm_rollouts_score_as_sampled_and_one_liquid_serves_both_roles(fwm: Liq
 
 def test_the_all_liquid_config_runs_sft_and_both_phases(tmp_path: Path) -> None:
     """``configs/sprites_liquid.yaml`` through the CLI on a tiny schedule; the saved FWM loads as a Gemma LM."""
-    from swirl_vl.cli import main
-    from tests.test_cli import REPO, _tiny_args
+    from tests.test_cli import fit_tiny_schedule
 
-    args = _tiny_args(tmp_path, tmp_path / "data", "--schedule.sft_steps", "2", "--schedule.iterations", "1")
-    args[1] = str(REPO / "configs" / "sprites_liquid.yaml")
-    args += ["--schedule.phase1_steps", "2", "--schedule.phase2_steps", "2"]
-    main(["fit", *args])  # in this process: the CLI's start-up (~8 s of imports) is paid once per test worker
-    run = next((tmp_path / "runs" / "sprites_liquid").glob("version_*"))
-    phases = json.loads((run / "swirl_phases.json").read_text())
-    assert [p["stage"] for p in phases] == ["sft", "phase1", "phase2"]
+    run = fit_tiny_schedule(tmp_path, "sprites_liquid.yaml", phase2_steps=2)
     saved = run / "pretrained"
     assert isinstance(AutoModelForCausalLM.from_pretrained(saved / "iteration_1_phase1" / "fwm"), GemmaForCausalLM)
     assert LiquidIDM(str(saved / "iteration_1_phase2" / "idm"), image_size=32).lm.config.model_type == "gemma"
