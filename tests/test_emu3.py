@@ -175,6 +175,11 @@ def test_a_vocabulary_without_the_image_tokens_is_a_clear_error(folder: Path, tm
         Emu3FWM(str(broken), image_size=32)
 
 
+def test_a_missing_folder_names_the_download(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="hf download BAAI/Emu3-Gen-hf"):
+        Emu3FWM(str(tmp_path / "missing"))
+
+
 def test_the_emu3_config_runs_sft_and_both_phases(tmp_path: Path) -> None:
     """``configs/sprites_emu3.yaml`` through the CLI on a tiny schedule; the saved FWM loads in the library."""
     from tests.test_cli import fit_tiny_schedule
