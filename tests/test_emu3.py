@@ -10,7 +10,12 @@ import pytest
 import torch
 from PIL import Image
 from sprite_oracles import sft_loss_after, sprite_pairs
-from transformers import Emu3ForConditionalGeneration, Emu3Processor
+from transformers import (
+    Emu3ForConditionalGeneration,
+    Emu3Processor,
+    LogitsProcessorList,
+    UnbatchedClassifierFreeGuidanceLogitsProcessor,
+)
 
 from swirl_vl.models.emu3 import EMU3_EOL, Emu3FWM, Emu3IDM, build_tiny_emu3, visual_token_name
 
@@ -61,9 +66,17 @@ def test_the_folder_is_emu3s_layout_with_its_image_vocabulary(folder: Path, fwm:
     assert not fwm.vq_in_lm  # the sprite VQ in vq/, not the folder's random Emu3VQVAE
 
 
-def _library_generate(library: Emu3ForConditionalGeneration, prompt: list[int], height: int, width: int) -> list[int]:
+def _library_generate(
+    library: Emu3ForConditionalGeneration,
+    prompt: list[int],
+    height: int,
+    width: int,
+    guidance: tuple[float, list[int]] | None = None,
+) -> list[int]:
     """The library's image generation, greedy: its ``generate`` constrained as transformers' Emu3 example
-    constrains it (``prefix_allowed_tokens_fn``: visual tokens within a row, the row-end token at its end)."""
+    constrains it (``prefix_allowed_tokens_fn``: visual tokens within a row, the row-end token at its end), and
+    with ``guidance = (scale, negative prompt)`` guided as that example guides (the library's
+    ``UnbatchedClassifierFreeGuidanceLogitsProcessor``)."""
     visual = library.model.vocabulary_mapping.image_tokens
     eol = library.model.vocabulary_mapping.eol_token_id
     start = len(prompt)
@@ -72,11 +85,16 @@ def _library_generate(library: Emu3ForConditionalGeneration, prompt: list[int], 
         offset = input_ids.shape[0] - start + 1  # the example counts from the image's <|image token|>
         return [eol] if offset % (width + 1) == 0 else visual
 
+    processors = []
+    if guidance is not None:
+        scale, negative = guidance
+        processors = [UnbatchedClassifierFreeGuidanceLogitsProcessor(scale, library, torch.tensor([negative]))]
     out = library.generate(
         input_ids=torch.tensor([prompt]),
         max_new_tokens=height * (width + 1),
         do_sample=False,
         prefix_allowed_tokens_fn=allowed,
+        logits_processor=LogitsProcessorList(processors),
     )
     return out[0, start:].tolist()
 
@@ -96,6 +114,32 @@ def test_greedy_image_tokens_equal_the_librarys_own_generation(folder: Path, fwm
     # The decoded image is the one the row-end-free codes give.
     codes = fwm.token_to_code[torch.tensor(ours).view(2, 4, 5)[:, :, :4].reshape(2, 16)]
     torch.testing.assert_close(rollout.images, fwm.decode_codes(codes))
+
+
+def test_guided_greedy_tokens_equal_the_librarys_guided_generation(folder: Path) -> None:
+    """Guidance on the logits against the negative prompt equals the library's guidance on log-probs (the two differ
+    by a constant per row, which the restriction's softmax removes); guided rollouts re-score as sampled."""
+    library = Emu3ForConditionalGeneration.from_pretrained(folder).eval()
+    guided = Emu3FWM(str(folder), image_size=32, guidance_scale=3.0, negative_prompt="remove the square").eval()
+    x, _, _ = sprite_pairs(2)
+    S = guided.image_length
+    ours = guided.sample(x, ACTIONS, greedy=True).context["input_ids"][:, -S:].tolist()
+    x_tokens = guided.image_token_ids(guided.encode_images(x)).tolist()
+    negatives = guided._unconditional_rows(x_tokens)
+    for row, prompt, negative in zip(ours, guided._prompt_rows(x_tokens, ACTIONS), negatives):
+        assert row == _library_generate(library, prompt, *guided.grid, guidance=(3.0, negative))
+    assert (
+        ours
+        != Emu3FWM(str(folder), image_size=32)
+        .eval()
+        .sample(x, ACTIONS, greedy=True)
+        .context["input_ids"][:, -S:]
+        .tolist()
+    )  # guidance changed the image
+    torch.manual_seed(0)
+    rollout = guided.sample(x, ACTIONS, num_samples=2)
+    logp, _ = guided.rollout_logprobs(rollout)
+    torch.testing.assert_close(logp, rollout.old_logprobs, rtol=1e-4, atol=1e-4)
 
 
 def test_the_prompt_embeds_x_as_the_librarys_processor_and_model_do(own_vq_folder: Path) -> None:

@@ -70,6 +70,38 @@ class Emu3FWM(TokenFWM):
     """``P_θ(y | x, z)`` on an Emu3 folder: ``y``'s VQ codes, rows ended by Emu3's row-end token, after the action
     and ``x``."""
 
+    def __init__(
+        self,
+        path: str,
+        build_tiny: bool = False,
+        seed: int = 0,
+        vq_path: str | None = None,
+        image_size: int | None = None,
+        guidance_scale: float = 1.0,
+        negative_prompt: str = "",
+        unconditional_dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        """
+        Args:
+            path: Emu3 folder (``Emu3ForConditionalGeneration`` + processor files; its own VQ unless ``vq/``).
+            build_tiny: when ``path`` holds no model, write a tiny randomly initialised one there first.
+            seed: initialisation seed of the tiny model.
+            vq_path: image tokenizer folder; default ``<path>/vq`` if there is one, else the folder's ``Emu3VQVAE``.
+            image_size: side in pixels the VQ sees; inputs are resized. None: a saved folder's, else 512.
+            guidance_scale: classifier-free guidance on the logits when sampling, against the prompt with
+                ``negative_prompt`` in the action's place (Emu3's own example guides against a negative prompt);
+                1 samples unguided. GRPO then scores the guided policy it sampled; likelihoods stay unguided.
+            negative_prompt: the text of the unconditional prompt ("" : the prompt without the action).
+            unconditional_dropout: share of SFT examples trained after the unconditional prompt instead.
+            gradient_checkpointing: recompute the language model's activations in backward.
+        """
+        if not 0 <= unconditional_dropout <= 1:
+            raise ValueError(f"unconditional_dropout must be in [0, 1]; got {unconditional_dropout}")
+        self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
+        self.unconditional_dropout = unconditional_dropout
+        super().__init__(path, build_tiny, seed, vq_path, image_size, gradient_checkpointing)
+
     default_image_size = 512  # Emu3's processor's smallest image (min_pixels 512²)
 
     @classmethod
@@ -131,6 +163,11 @@ class Emu3FWM(TokenFWM):
         return [
             [*self._bos, *text, *header, *xt, self.eof_id, self.eoi_id, *header] for xt, text in zip(x_tokens, texts)
         ]
+
+    @override
+    def _unconditional_rows(self, x_tokens: list[list[int]]) -> list[list[int]]:
+        """The prompt with ``negative_prompt`` in the action's place."""
+        return self._prompt_rows(x_tokens, [self.negative_prompt] * len(x_tokens))
 
 
 def build_emu3_processor(num_codes: int, image_size: int, factor: int, vocab_size: int = 600) -> Emu3Processor:
