@@ -207,6 +207,29 @@ def test_a_folder_with_its_own_vq_saves_no_copy_of_it(own_vq_folder: Path, tmp_p
     torch.testing.assert_close(again.log_likelihood(x, z, y), fwm.log_likelihood(x, z, y), rtol=0, atol=0)
 
 
+def test_fsdp2_shards_the_language_model_and_keeps_its_own_vq_whole(own_vq_folder: Path, tmp_path: Path) -> None:
+    """The image tokenizer is called outside the model's forward: sharded, it would hold DTensors there. One
+    process (gloo) is enough to see where each weight lives; scores and greedy images are unchanged."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from swirl_vl.training.fsdp import shard_backend
+
+    fwm = Emu3FWM(str(own_vq_folder), image_size=32).eval()
+    x, y, z = sprite_pairs(2)
+    before, image = fwm.log_likelihood(x, z, y), fwm.sample(x, z, greedy=True).images
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        shard_backend(fwm, init_device_mesh("cpu", (1,)))
+        assert not any(isinstance(p, DTensor) for p in fwm.vq.parameters())
+        assert all(isinstance(p, DTensor) for p in fwm.lm.model.text_model.parameters())
+        torch.testing.assert_close(fwm.log_likelihood(x, z, y), before, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fwm.sample(x, z, greedy=True).images, image)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_vocabulary_without_the_image_tokens_is_a_clear_error(folder: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -5,7 +5,8 @@ gradients and AdamW state (ZeRO-3). ``SwirlModule.configure_model`` shards, per 
 (the classes its library names in ``_no_split_modules``) and then the library model that holds them (a
 ``PreTrainedModel`` or diffusers ``ModelMixin``, whose forward is what the backends call), so a model's forward
 gathers its weights block by block and frees them after. What a backend keeps outside those models (a frozen VQ,
-say) stays whole on every process; a trainable parameter outside them is refused, since nothing would average its
+say) stays whole on every process, and so does a frozen library model the backend also calls on its own from
+inside a sharded one (Emu3's VQ); a trainable parameter outside them is refused, since nothing would average its
 gradient.
 
 Under sharding every forward pass is a collective, so every process must make as many: generation decodes until
@@ -72,16 +73,19 @@ def shard_backend(backend: nn.Module, mesh: DeviceMesh, select: list[bool] | Non
     models = library_models(backend)
     if select is None:
         select = [any(p.requires_grad for p in model.parameters()) for model in models]
+    # Frozen library models (a VQ, a text encoder) stay whole on every process, as their own methods call them, even
+    # one that also sits inside a sharded model (Emu3's VQ, the image tokenizer, is a part of its language model).
+    whole = {p for model, chosen in zip(models, select, strict=True) if not chosen for p in model.parameters()}
     for model, chosen in zip(models, select, strict=True):
         if not chosen:
-            continue  # frozen (a VQ, a text encoder): whole on every process, as its own methods call it
+            continue
         blocks = set()
         for module in model.modules():
             blocks |= set(getattr(module, "_no_split_modules", None) or ())
         for module in reversed(list(model.modules())):  # inner blocks first (a UNet's up block holds res blocks)
-            if type(module).__name__ in blocks:
-                fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            if type(module).__name__ in blocks and not all(p in whole for p in module.parameters()):
+                fully_shard(module, mesh=mesh, ignored_params=whole or None)
+        fully_shard(model, mesh=mesh, ignored_params=whole or None)
     sharded = {id(p) for m in backend.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
     loose = [name for name, p in backend.named_parameters() if p.requires_grad and id(p) not in sharded]
     if loose:
