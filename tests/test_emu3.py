@@ -242,9 +242,18 @@ def test_a_vocabulary_without_the_image_tokens_is_a_clear_error(folder: Path, tm
         Emu3FWM(str(broken), image_size=32)
 
 
-def test_a_missing_folder_names_the_download(tmp_path: Path) -> None:
+def test_a_missing_folder_names_the_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FileNotFoundError, match="hf download BAAI/Emu3-Gen-hf"):
         Emu3FWM(str(tmp_path / "missing"))
+    # The real config stops before loading anything, naming each missing input once.
+    from swirl_vl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", "configs/aurorabench_emu3.yaml"])
+    message = str(stop.value.code)
+    assert message.count("Emu3FWM checkpoint not found at 'checkpoints/Emu3-Gen-hf'") == 1, message
+    assert message.count("checkpoint not found at 'checkpoints/Emu3-Chat-hf'") == 1 and "split 'test'" in message
 
 
 def test_the_emu3_config_runs_sft_and_both_phases(tmp_path: Path) -> None:

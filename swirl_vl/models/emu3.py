@@ -106,7 +106,10 @@ class Emu3FWM(TokenFWM):
 
     @classmethod
     def _download_hint(cls) -> str:
-        return "Download Emu3 (`hf download BAAI/Emu3-Gen-hf --local-dir PATH`)"
+        return (
+            "Download Emu3 (`hf download BAAI/Emu3-Gen-hf --local-dir PATH` to generate images, "
+            "`hf download BAAI/Emu3-Chat-hf --local-dir PATH` to name actions)"
+        )
 
     @override
     def _build_tiny(self, folder: Path, seed: int, vq_path: str | None) -> None:
