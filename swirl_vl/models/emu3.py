@@ -96,10 +96,8 @@ class Emu3FWM(TokenFWM):
             unconditional_dropout: share of SFT examples trained after the unconditional prompt instead.
             gradient_checkpointing: recompute the language model's activations in backward.
         """
-        if not 0 <= unconditional_dropout <= 1:
-            raise ValueError(f"unconditional_dropout must be in [0, 1]; got {unconditional_dropout}")
-        self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
-        self.unconditional_dropout = unconditional_dropout
+        self.negative_prompt = negative_prompt
+        self._set_guidance(guidance_scale, unconditional_dropout)
         super().__init__(path, build_tiny, seed, vq_path, image_size, gradient_checkpointing)
 
     default_image_size = 512  # Emu3's processor's smallest image (min_pixels 512²)
@@ -256,10 +254,11 @@ class Emu3IDM(TokenIDM):
 
     fwm_class = Emu3FWM
 
+    image_header = Emu3FWM.image_header  # reads boi_id, wrapper_id, grid and the tokenizer, which the IDM holds
+
     @override
     def _prompt_pieces(self) -> tuple[list[int], list[int], list[int]]:
         vocabulary = self.lm.config.vocabulary_map
-        wrapper, eof = vocabulary[EMU3_WRAPPER], vocabulary[EMU3_EOF]
-        size = self.tokenizer(f"{self.grid[0]}*{self.grid[1]}", add_special_tokens=False)["input_ids"]
-        header = [self.boi_id, *size, wrapper]
+        self.wrapper_id, eof = vocabulary[EMU3_WRAPPER], vocabulary[EMU3_EOF]
+        header = self.image_header()
         return [*self._bos, *header], [eof, self.eoi_id, *header], [eof, self.eoi_id]

@@ -75,10 +75,7 @@ class LiquidFWM(TokenFWM):
         """
         saved = saved_settings(path)
         self.instruction = instruction if instruction is not None else saved.get("edit_instruction", FWM_INSTRUCTION)
-        self.guidance_scale = guidance_scale
-        if not 0 <= unconditional_dropout <= 1:
-            raise ValueError(f"unconditional_dropout must be in [0, 1]; got {unconditional_dropout}")
-        self.unconditional_dropout = unconditional_dropout
+        self._set_guidance(guidance_scale, unconditional_dropout)
         super().__init__(path, build_tiny, seed, vq_path, image_size, gradient_checkpointing)
 
     default_image_size = 512

@@ -218,6 +218,12 @@ class TokenFWM(ForwardWorldModel):
     """Classifier-free guidance on the logits when sampling (1: none); families with an unconditional prompt
     (``_unconditional_rows``) take it as an argument."""
 
+    def _set_guidance(self, guidance_scale: float, unconditional_dropout: float) -> None:
+        """Checked ``guidance_scale`` and ``unconditional_dropout`` (for families with an unconditional prompt)."""
+        if not 0 <= unconditional_dropout <= 1:
+            raise ValueError(f"unconditional_dropout must be in [0, 1]; got {unconditional_dropout}")
+        self.guidance_scale, self.unconditional_dropout = guidance_scale, unconditional_dropout
+
     def _unconditional_rows(self, x_tokens: list[list[int]]) -> list[list[int]]:
         raise NotImplementedError(f"{type(self).__name__} has no unconditional prompt: keep guidance_scale 1")
 
