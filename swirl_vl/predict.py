@@ -26,7 +26,6 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from typing_extensions import override
 
 from datamodules.shards import DecodedTrajectory
 from datamodules.trajectory import STAGE_SPLITS
-from swirl_vl.eval.rollout import rollable, rollout
+from swirl_vl.eval.rollout import dealt_batches, rollout
 
 PREDICT_SPLIT = STAGE_SPLITS["predict"][0]
 
@@ -76,18 +75,19 @@ def pair_file(key: str) -> str:
 
 
 def rollout_images(
-    fwm: Any, trajectories: Sequence[DecodedTrajectory], batch_size: int, device: torch.device
+    fwm: Any,
+    trajectories: Sequence[DecodedTrajectory],
+    batch_size: int,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
 ) -> list[tuple[DecodedTrajectory, Tensor]]:
-    """Greedy multi-turn rollouts ``(K, 3, H, W)`` of each trajectory with known actions and next states, from its
-    first state; trajectories of one length are batched ``batch_size`` at a time."""
-    usable = sorted((t for t in trajectories if rollable(t)), key=lambda t: len(t.actions))
+    """Greedy multi-turn rollouts ``(K, 3, H, W)`` from its first state of each trajectory with known actions and
+    next states in this process's share (``dealt_batches``: by length, ``batch_size`` at a time)."""
     out = []
-    for _, same_length in groupby(usable, key=lambda t: len(t.actions)):
-        group = list(same_length)
-        for start in range(0, len(group), batch_size):
-            batch = group[start : start + batch_size]
-            x0 = torch.stack([t.images[0] for t in batch]).to(device)
-            out += zip(batch, rollout(fwm, x0, [t.actions for t in batch]))
+    for batch, own in dealt_batches(trajectories, batch_size, rank, world):
+        x0 = torch.stack([t.images[0] for t in batch]).to(device)
+        out += zip(batch[:own], rollout(fwm, x0, [t.actions for t in batch])[:own])
     return out
 
 
@@ -200,10 +200,10 @@ class PredictionWriter(BasePredictionWriter):
             return []
         chosen = datamodule.trajectories(PREDICT_SPLIT)[: self.rollout_trajectories]
         position = {id(t): i for i, t in enumerate(chosen)}
-        mine = chosen[trainer.global_rank :: trainer.world_size]
         batch_size = getattr(datamodule, "eval_batch_size", 16)
+        share = (trainer.global_rank, trainer.world_size)
         out = []
-        for traj, predicted in rollout_images(pl_module.fwm.model, mine, batch_size, pl_module.device):
+        for traj, predicted in rollout_images(pl_module.fwm.model, chosen, batch_size, pl_module.device, *share):
             rows = []
             for k, image in enumerate(predicted, start=1):
                 relative = f"rollouts/{safe_name(traj.key)}/{k}.png"

@@ -57,3 +57,26 @@ class NoLabelsOnRank1(Callback):
             return None
 
         pl_module.filtered_labels = none_kept
+
+
+class RestoredState(Callback):
+    """Rank 0 saves, at train start (after a resume has restored everything), the whole weights and optimiser
+    moments of the module as every process holds them together (gathered from FSDP2's shards; a collective)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import torch
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(pl_module, options=options)
+        moments = [get_optimizer_state_dict(pl_module, opt, options=options) for opt in trainer.optimizers]
+        if trainer.global_rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"weights": weights, "optimizers": moments}, self.out_dir / "restored.pt")

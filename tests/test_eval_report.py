@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from datamodules.trajectory import SpriteDataModule
 from swirl_vl.eval.metrics import l1
 from swirl_vl.eval.report import MetricTable, format_markdown, gather, write_report
-from swirl_vl.eval.rollout import rollout, rollout_trajectories
+from swirl_vl.eval.rollout import dealt_batches, rollout, rollout_trajectories
 from swirl_vl.training.sft import FWMModule, IDMModule
 from tests.sprite_oracles import OracleFWM, OracleIDM, sprite_batch, sprite_trajectories
 from tests.test_cli import _run, _tensorboard_tags, _tiny_args, _version_dir, sprite_root  # noqa: F401 (fixture)
@@ -91,6 +91,23 @@ def test_rollout_metrics_per_turn_with_the_task_of_each_step():
     assert all(means["all"][f"turn_{k}/fwm_l1"] == 0.0 for k in (1, 2, 3))
     move_turns = sum(t.task_at(k) == "move" for t in trajs[1:] for k in range(len(t.actions)))
     assert sum(n for name, n in table.counts["move"].items() if name.endswith("/fwm_l1")) == move_turns
+
+
+def test_processes_are_dealt_as_many_rollout_batches_of_as_many_turns_and_share_the_work():
+    """Under FSDP2 every forward pass is a collective: each process must roll out as many batches, each of as many
+    turns, even when it has no trajectory of its own left (it rolls out a repeat and drops it)."""
+    trajs = sprite_trajectories(5, length=4, seed=1) + sprite_trajectories(1, length=3, seed=2)
+    dealt = [list(dealt_batches(trajs, batch_size=2, rank=r, world=2)) for r in (0, 1)]
+    turns = [[len(batch[0].actions) for batch, _ in d] for d in dealt]
+    assert turns[0] == turns[1] == [2, 3, 3]  # batches of 4 states over two processes: (3) | (4, 4, 4, 4) | (4)
+    own = [t for d in dealt for batch, n in d for t in batch[:n]]
+    assert sorted(map(id, own)) == sorted(map(id, trajs))  # each trajectory once, on one process
+    assert [[n for _, n in d] for d in dealt] == [[1, 2, 1], [0, 2, 0]]  # process 1 twice rolls out a repeat
+    table = MetricTable()
+    for rank in (0, 1):
+        for metrics, tasks in rollout_trajectories(OracleFWM(), trajs, batch_size=2, rank=rank, world=2):
+            table.add(metrics, tasks)
+    assert table.counts["all"]["turn_1/fwm_state_acc"] == 6 and table.counts["all"]["turn_3/fwm_state_acc"] == 5
 
 
 class _Identity(OracleFWM):

@@ -69,21 +69,41 @@ def rollout_trajectories(
     trajectories: Sequence[DecodedTrajectory],
     batch_size: int,
     device: torch.device | str = "cpu",
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[tuple[dict[str, Tensor], list[str]]]:
-    """Roll out every trajectory with known actions; yields ``({"turn_k/…": (n,)}, tasks)`` per turn and batch.
+    """Roll out this process's share (``dealt_batches``) of the trajectories with known actions; yields
+    ``({"turn_k/…": (n,)}, tasks)`` per turn and batch.
 
     ``tasks`` are the tasks of step ``k`` of each trajectory, so a per-task table groups turn ``k`` by the kind
     of its last action. Trajectories are batched by length; those with an unknown action or next state are
     left out.
     """
+    for batch, own in dealt_batches(trajectories, batch_size, rank, world):
+        images = torch.stack([t.images for t in batch]).to(device)  # (n, K+1, 3, H, W)
+        predicted = rollout(fwm, images[:, 0], [t.actions for t in batch])[:own]
+        if own == 0:
+            continue
+        batch, images = batch[:own], images[:own]
+        states = [_true_states(t) for t in batch]
+        known = None if any(s is None for s in states) else [s[1:] for s in states]
+        for k, metrics in enumerate(turn_metrics(predicted, images[:, 1:], known)):
+            yield metrics, [t.task_at(k) for t in batch]
+
+
+def dealt_batches(
+    trajectories: Sequence[DecodedTrajectory], batch_size: int, rank: int = 0, world: int = 1
+) -> Iterator[tuple[list[DecodedTrajectory], int]]:
+    """This process's rollout batches ``(batch, own)`` of the usable ``trajectories``, of which the first ``own``
+    are its share: batched by length, up to ``batch_size`` each, the ``world`` processes taking turns within a length.
+
+    Every process gets as many batches as the others, each with as many turns (under FSDP2 every forward pass is a
+    collective, so all must make as many); one left without a trajectory of its own in a batch rolls out a repeat
+    of another's (``own`` 0), whose result the caller drops.
+    """
     usable = sorted((t for t in trajectories if rollable(t)), key=lambda t: len(t.actions))
     for _, same_length in groupby(usable, key=lambda t: len(t.actions)):
         group = list(same_length)
-        for start in range(0, len(group), batch_size):
-            batch = group[start : start + batch_size]
-            images = torch.stack([t.images for t in batch]).to(device)  # (n, K+1, 3, H, W)
-            predicted = rollout(fwm, images[:, 0], [t.actions for t in batch])
-            states = [_true_states(t) for t in batch]
-            known = None if any(s is None for s in states) else [s[1:] for s in states]
-            for k, metrics in enumerate(turn_metrics(predicted, images[:, 1:], known)):
-                yield metrics, [t.task_at(k) for t in batch]
+        for start in range(0, len(group), batch_size * world):
+            mine = group[start : start + batch_size * world][rank::world]
+            yield (mine or group[start : start + 1]), len(mine)

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import ModelMixin
+from lightning.fabric.strategies.model_parallel import _load_raw_module_state, _rekey_optimizer_state_if_needed
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
@@ -52,6 +55,29 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_processes * self.num_nodes
         self._tensor_parallel_size = 1
         super().setup_environment()
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loader for a whole-tensor checkpoint file, except that the module first completes its state
+        dict (``SwirlModule.complete_state_dict``: the KL references, which checkpoints leave out). Lightning's own
+        loads the weights into the shards before any module hook runs, and so refuses such a checkpoint."""
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_file():  # a distributed checkpoint folder (save_distributed_checkpoint=True)
+            return super().load_checkpoint(path, weights_only=weights_only)
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        module = self.lightning_module
+        if hasattr(module, "complete_state_dict"):
+            module.complete_state_dict(checkpoint)
+        strict = module.strict_loading
+        _load_raw_module_state(checkpoint.pop("state_dict"), self.model, strict=strict)
+        # Not strict: a parameter that never had a gradient (LLaVA's unused vision post-norm) has no AdamW state, as it
+        # would have none without the resume.
+        options = StateDictOptions(broadcast_from_rank0=True, full_state_dict=True, strict=False)
+        if self.optimizers:  # fit (test and predict make none)
+            for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+                state = _rekey_optimizer_state_if_needed(state, self.model)
+                set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state, options=options)
+        return checkpoint  # the rest (loops, callbacks) as Lightning's loader leaves it
 
 
 def library_models(backend: nn.Module) -> list[nn.Module]:
@@ -86,6 +112,10 @@ def shard_backend(backend: nn.Module, mesh: DeviceMesh, select: list[bool] | Non
             if type(module).__name__ in blocks and not all(p in whole for p in module.parameters()):
                 fully_shard(module, mesh=mesh, ignored_params=whole or None)
         fully_shard(model, mesh=mesh, ignored_params=whole or None)
+        # FSDP2 takes the first unit to run forward for its root. transformers' generate calls parts of a model (its
+        # image features) outside its forward, so a fit whose first pass is generation (resumed in Phase I, or no
+        # SFT) would make a block a root: settle the root now.
+        model._get_fsdp_state()._lazy_init()
     sharded = {id(p) for m in backend.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
     loose = [name for name, p in backend.named_parameters() if p.requires_grad and id(p) not in sharded]
     if loose:

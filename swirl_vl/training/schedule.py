@@ -73,6 +73,7 @@ class SwirlSchedule(Callback):
         self.history: list[dict[str, Any]] = []
         self.phase_stats: list[dict[str, Any]] = []
         self._resumed = False
+        self._started = False  # the stage entered in this fit
         self._phase_started: float | None = None
         self._phase_steps_timed = 0
         self._phase_seconds_before = 0.0  # timed in this phase before the current process (resumed runs)
@@ -115,6 +116,20 @@ class SwirlSchedule(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not isinstance(pl_module, SwirlModule):
             return  # other LightningModules (e.g. the VQ tokenizer) train without phases
+        self._started = False
+        # A strategy that loads a checkpoint after its setup (FSDP2's ModelParallelStrategy) restores this callback's
+        # state after this hook: the stage to enter is known at train start.
+        if trainer.strategy.restore_checkpoint_after_setup:
+            return
+        self._start(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if isinstance(pl_module, SwirlModule) and not self._started:
+            self._start(trainer, pl_module)
+
+    def _start(self, trainer: Trainer, pl_module: SwirlModule) -> None:
+        self._started = True
         if self.stage == DONE and self.iteration < self.iterations:  # resumed into a longer schedule
             self.stage, self.step_in_phase = "phase1", 0
         if self._resumed:

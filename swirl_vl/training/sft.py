@@ -196,9 +196,9 @@ class FWMModule(_WorldModelModule):
         if self.max_rollout_trajectories == 0 or not hasattr(datamodule, "trajectories"):
             return
         trajectories = datamodule.trajectories("test")[: self.max_rollout_trajectories]
-        mine = trajectories[trainer.global_rank :: trainer.world_size]
         batch_size = getattr(datamodule, "eval_batch_size", 16)
-        for metrics, tasks in rollout_trajectories(self.model, mine, batch_size, self.device):
+        share = (trainer.global_rank, trainer.world_size)
+        for metrics, tasks in rollout_trajectories(self.model, trajectories, batch_size, self.device, *share):
             table.add(metrics, tasks)
 
     @override

@@ -444,7 +444,14 @@ class SwirlModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         epoch_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
         self._checkpoint_batches = epoch_loop.get("_batches_that_stepped")
-        # References are created mid-run; make room for them before Lightning loads the state dict.
+        if "state_dict" in checkpoint:  # FSDP2Strategy has loaded the weights already, before this hook
+            self.complete_state_dict(checkpoint)
+
+    def complete_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        """Put the KL references, which checkpoints leave out, back into ``checkpoint["state_dict"]``, making room for
+        them first (references are created mid-run): the SFT model from the file it was written to once, beside the
+        checkpoints. A reference copy that exists from the start (FSDP2) but is not a reference yet (an SFT-stage
+        checkpoint) takes its policy's weights, as the phase switch will give it."""
         state = checkpoint["state_dict"]
         for which, file in checkpoint.get("swirl_reference_files", {}).items():
             if not Path(file).is_file():
@@ -455,8 +462,12 @@ class SwirlModule(LightningModule):
             saved = torch.load(file, map_location="cpu", weights_only=True)
             state.update({f"{which}_ref.{k}": v for k, v in saved.items()})
         for which in ("fwm", "idm"):
-            if getattr(self, f"{which}_ref") is None and any(k.startswith(f"{which}_ref.") for k in state):
+            ref, prefix = getattr(self, f"{which}_ref"), f"{which}_ref."
+            if ref is None and any(k.startswith(prefix) for k in state):
                 self.refresh_reference(which)
+            elif isinstance(ref, nn.Module) and not any(k.startswith(prefix) for k in state):
+                policy = f"{which}.model."
+                state.update({prefix + k[len(policy) :]: v for k, v in list(state.items()) if k.startswith(policy)})
 
     # ---------------------------------------------------------------- optimisation
 
