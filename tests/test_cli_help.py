@@ -138,7 +138,7 @@ def test_a_token_fwm_folder_or_vq_path_that_is_not_there_is_one_line_each_before
     code, _ = _exit(["fit", *_tiny_args(tmp_path, tmp_path / "data"), *missing])
     lines = code.splitlines()
     assert "Traceback" not in code and len(lines) <= 6, code
-    assert sum(f"TokenFWM checkpoint not found at '{tmp_path / 'nothing'}'" in line for line in lines) == 1, code
+    assert sum(f"token-model checkpoint not found at '{tmp_path / 'nothing'}'" in line for line in lines) == 1, code
     # A Hub id is never looked up (nothing is downloaded at run time): it is named as not being a local folder.
     assert sum("image tokenizer not found at vq_path 'org/sprite-vq'" in line for line in lines) == 1, code
     assert not (tmp_path / "models").exists() and not (tmp_path / "data").exists(), "nothing may load or be written"

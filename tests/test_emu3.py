@@ -252,8 +252,8 @@ def test_a_missing_folder_names_the_download(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(SystemExit) as stop:
         main(["fit", "--config", "configs/aurorabench_emu3.yaml"])
     message = str(stop.value.code)
-    assert message.count("Emu3FWM checkpoint not found at 'checkpoints/Emu3-Gen-hf'") == 1, message
-    assert message.count("checkpoint not found at 'checkpoints/Emu3-Chat-hf'") == 1 and "split 'test'" in message
+    assert message.count("Emu3 checkpoint not found at 'checkpoints/Emu3-Gen-hf'") == 1, message
+    assert message.count("Emu3 checkpoint not found at 'checkpoints/Emu3-Chat-hf'") == 1 and "split 'test'" in message
 
 
 def test_the_emu3_config_runs_sft_and_both_phases(tmp_path: Path) -> None:

@@ -182,7 +182,7 @@ def test_a_missing_folder_names_the_downloads(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(SystemExit) as stop:
         main(["fit", "--config", "configs/aurorabench_liquid.yaml"])
     message = str(stop.value.code)
-    assert message.count("LiquidFWM checkpoint not found at 'checkpoints/Liquid_V1_7B'") == 1, message
+    assert message.count("Liquid checkpoint not found at 'checkpoints/Liquid_V1_7B'") == 1, message
     assert message.count("vq_path 'checkpoints/chameleon_vq'") == 1 and "split 'test'" in message
 
 

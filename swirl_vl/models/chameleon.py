@@ -97,6 +97,8 @@ class ChameleonImageGeneration(ChameleonForConditionalGeneration):
 class ChameleonFWM(TokenFWM):
     """``P_θ(y | x, z)`` on a Chameleon / Anole folder: ``y``'s VQGAN codes as image tokens after the action and ``x``."""
 
+    folder_format = "Chameleon"
+
     default_image_size = 512
 
     @classmethod

@@ -70,6 +70,8 @@ class Emu3FWM(TokenFWM):
     """``P_θ(y | x, z)`` on an Emu3 folder: ``y``'s VQ codes, rows ended by Emu3's row-end token, after the action
     and ``x``."""
 
+    folder_format = "Emu3"
+
     def __init__(
         self,
         path: str,

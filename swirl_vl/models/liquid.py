@@ -44,6 +44,8 @@ FWM_INSTRUCTION = "Modify the provided image based on the given instruction:"
 class LiquidFWM(TokenFWM):
     """``P_θ(y | x, z)`` on a Liquid folder: ``y``'s Chameleon-VQGAN codes after ``x``'s and the instruction."""
 
+    folder_format = "Liquid"
+
     def __init__(
         self,
         path: str,

@@ -152,6 +152,9 @@ class TokenFWM(ForwardWorldModel):
         self.image_length = len(layout)
 
     # ---------------------------------------------------------------------------------------- the folder format
+    folder_format = "token-model"
+    """The folder format's name in messages; its FWM and its IDM read the same format (``TokenIDM.fwm_class``)."""
+
     # Overridden by each model family (``LiquidFWM``): where the image codes sit in the vocabulary, the prompt.
 
     @classmethod
@@ -168,7 +171,7 @@ class TokenFWM(ForwardWorldModel):
 
     @classmethod
     def _missing(cls, path: str | Path) -> FileNotFoundError:
-        return missing_checkpoint_error(path, f"{cls.__name__} checkpoint", cls._download_hint())
+        return missing_checkpoint_error(path, f"{cls.folder_format} checkpoint", cls._download_hint())
 
     @classmethod
     def _download_hint(cls) -> str:
