@@ -107,3 +107,26 @@ def test_unscaled_advantages_keep_the_reward_scale():
     torch.testing.assert_close(plain, torch.tensor([0.01, -0.01, 1.0, -1.0]))
     # With scaling, the noise group gets the same ±0.707 as the informative one.
     torch.testing.assert_close(scaled[:2].abs(), scaled[2:].abs(), atol=1e-2, rtol=0)
+
+
+def test_a_groups_repeated_rollouts_get_one_reward_pass_between_them() -> None:
+    from swirl_vl.training.swirl import rollout_keys, scored_once
+
+    images = torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    # two groups of 3: group 0 drew images 0, 1, 0; group 1 drew image 0 three times (a repeat across groups
+    # belongs to another prompt and is scored again)
+    drawn = images[[0, 1, 0, 0, 0, 0]]
+    texts = ["a", "b", "a", "c", "c", "c"]
+    scored: list[int] = []
+
+    def score(batch: torch.Tensor, words: list[str]) -> torch.Tensor:
+        scored.append(len(batch))
+        return batch.flatten(1).sum(1) + torch.tensor([ord(w) for w in words], dtype=torch.float)
+
+    keys = rollout_keys(drawn, group_size=3)
+    assert keys[0] == keys[2] and keys[0] != keys[3] and len(set(keys)) == 3
+    rewards = scored_once(score, keys, drawn, texts)
+    assert scored == [3]
+    torch.testing.assert_close(rewards, drawn.flatten(1).sum(1) + torch.tensor([97.0, 98, 97, 99, 99, 99]))
+    scored_once(score, rollout_keys(images, group_size=1), images, texts[:3])
+    assert scored == [3, 3]  # nothing repeated: one pass over every row

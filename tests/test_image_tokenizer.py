@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Emu3VQVAE, Emu3VQVAEConfig, JanusVQVAE, JanusVQVAEConfig
 
-from swirl_vl.models.image_tokenizer import DiffusersVQ, Emu3VQ, JanusVQ, load_image_tokenizer
+from swirl_vl.models.image_tokenizer import CodeCache, DiffusersVQ, Emu3VQ, JanusVQ, load_image_tokenizer
 from swirl_vl.models.vq import SHIPPED_SPRITE_VQ, vq_decode, vq_encode
 
 
@@ -80,3 +80,33 @@ def test_the_sprite_vq_codes_as_before_and_unknown_folders_are_named(tmp_path: P
         load_image_tokenizer(tmp_path / "odd")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_image_tokenizer(tmp_path / "missing")
+
+
+def test_images_seen_before_are_not_encoded_again_and_repeated_codes_are_decoded_once(tmp_path: Path) -> None:
+    tokenizer = load_image_tokenizer(SHIPPED_SPRITE_VQ)
+    calls: list[int] = []
+    encode, decode = tokenizer._encode, tokenizer._decode
+    tokenizer._encode = lambda pixels: calls.append(len(pixels)) or encode(pixels)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    batch = torch.cat([images[:3], images[1:2]])  # one image twice
+    first = tokenizer.encode(batch)
+    assert calls == [3] and torch.equal(first, vq_encode(tokenizer.model, batch))
+    again = tokenizer.encode(images)  # three seen, one new
+    assert calls == [3, 1] and torch.equal(again, vq_encode(tokenizer.model, images))
+    assert (tokenizer.cache.hits, tokenizer.cache.misses) == (3, 4)
+    changed = images.clone()
+    changed[0, 0, 0, 0] += 1e-6  # a different image, however close
+    tokenizer.encode(changed[:1])
+    assert calls == [3, 1, 1]
+
+    tokenizer.load_state_dict(tokenizer.state_dict())  # new weights: nothing cached is trusted
+    assert tokenizer.cache.size == 0
+    tokenizer.cache.capacity = 2 * 16 * 4  # room for two images' codes: the least recently used go
+    tokenizer.encode(images[:3])
+    assert len(tokenizer.cache._codes) == 2 and tokenizer.cache.get(CodeCache.keys(images[:1])[0]) is None
+
+    rows: list[int] = []
+    tokenizer._decode = lambda codes, grid: rows.append(len(codes)) or decode(codes, grid)
+    codes = again[[0, 1, 0, 2, 1]]
+    torch.testing.assert_close(tokenizer.decode(codes, (4, 4)), vq_decode(tokenizer.model, codes, (4, 4)))
+    assert rows == [3]

@@ -14,11 +14,18 @@ business, not the tokenizer's.
 
 ``load_image_tokenizer(path)`` picks the class from the folder's ``config.json``. The tokenizer is never trained:
 its parameters have ``requires_grad`` off and it stays in eval mode whatever the host's mode.
+
+Because it is frozen, an image's codes never change: on CPU, ``encode`` keeps the codes of the images it has seen
+(``CodeCache``, keyed by a digest of their exact pixels), so the labelled pairs an SFT epoch revisits and the ``x`` of
+every rollout are encoded once. On the sprite world the VQ encoder was 83% of a token FWM's SFT step (encoding
+64 images: 138 ms of 166). ``decode`` runs each distinct code row of a call once (rollouts of one prompt repeat).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -29,23 +36,84 @@ from transformers import Emu3VQVAE, JanusVQVAE
 from typing_extensions import override
 
 
+class CodeCache:
+    """The codes of images already encoded, keyed by a digest of each image's exact pixel bytes; the least recently
+    used go first once their codes pass ``capacity_mib``. Keys are 16-byte BLAKE2b digests: two different images
+    collide with probability ~2⁻¹²⁸. Codes are held on the CPU as int32."""
+
+    def __init__(self, capacity_mib: float = 256.0) -> None:
+        self.capacity = int(capacity_mib * 2**20)
+        self.size = 0
+        self.hits = self.misses = 0
+        self._codes: OrderedDict[bytes, Tensor] = OrderedDict()
+
+    @staticmethod
+    def keys(images: Tensor) -> list[bytes]:
+        """One digest per image of ``images`` ``(B, …)`` (a CPU tensor), of its dtype, shape and pixel bytes."""
+        rows = images.contiguous().view(images.shape[0], -1)
+        head = f"{images.dtype}{tuple(images.shape[1:])}".encode()
+        return [
+            hashlib.blake2b(head + row.numpy().tobytes(), digest_size=16).digest() for row in rows.view(torch.uint8)
+        ]
+
+    def get(self, key: bytes) -> Tensor | None:
+        codes = self._codes.get(key)
+        if codes is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+            self._codes.move_to_end(key)
+        return codes
+
+    def put(self, key: bytes, codes: Tensor) -> None:
+        if key in self._codes or codes.numel() * 4 > self.capacity:
+            return
+        self._codes[key] = codes.to("cpu", torch.int32, copy=True)
+        self.size += codes.numel() * 4
+        while self.size > self.capacity:
+            self.size -= self._codes.popitem(last=False)[1].numel() * 4
+
+    def clear(self) -> None:
+        self._codes.clear()
+        self.size = 0
+
+
 class ImageTokenizer(nn.Module):
-    """Frozen images ↔ codes. Subclasses set ``num_codes`` and implement ``grid``, ``_encode``, ``_decode``."""
+    """Frozen images ↔ codes. Subclasses set ``num_codes`` and implement ``grid``, ``_encode``, ``_decode``.
+
+    ``cache_mib``: room for the codes of images already encoded (``CodeCache``), used while the tokenizer is on the
+    CPU; 0 turns it off. On an accelerator every image is encoded (hashing would first copy it to the host).
+    """
 
     num_codes: int
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, cache_mib: float = 256.0) -> None:
         super().__init__()
         self.model = model
         self.model.requires_grad_(False).eval()
+        self.cache = CodeCache(cache_mib)
 
     @override
     def train(self, mode: bool = True) -> ImageTokenizer:
         return super().train(False)  # frozen: codes must not depend on the host's mode
 
+    @override
+    def _apply(self, fn, recurse=True):  # .to(), .half(), ...: codes may depend on the weights' device and dtype
+        self.cache.clear()
+        return super()._apply(fn, recurse)
+
+    @override
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # new weights, new codes
+        self.cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def grid(self, image_size: int) -> tuple[int, int]:
         """``(h, w)`` code grid of a square image of side ``image_size``."""
@@ -53,15 +121,33 @@ class ImageTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        """Images ``(B, 3, H, W)`` in ``[0, 1]`` → codes ``(B, h*w)`` (long), raster order."""
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` → codes ``(B, h*w)`` (long), raster order. On the CPU, images seen
+        before (the same pixels) are not encoded again."""
+        if self.cache.capacity == 0 or images.device.type != "cpu" or self.device.type != "cpu":
+            return self._encoded(images)
+        keys = CodeCache.keys(images)
+        found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
+        missing = [key for key, codes in found.items() if codes is None]
+        if missing:
+            first = {key: i for i, key in reversed(list(enumerate(keys)))}
+            fresh = self._encoded(images[[first[key] for key in missing]])
+            for key, codes in zip(missing, fresh):
+                found[key] = codes
+                self.cache.put(key, codes)
+        return torch.stack([found[key].long() for key in keys])
+
+    def _encoded(self, images: Tensor) -> Tensor:
         codes = self._encode(images.to(self.dtype).clamp(0, 1) * 2 - 1)
         return codes.reshape(images.shape[0], -1)
 
     @torch.no_grad()
     def decode(self, codes: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Codes ``(B, h*w)`` → images ``(B, 3, H, W)`` in ``[0, 1]`` (float32)."""
+        """Codes ``(B, h*w)`` → images ``(B, 3, H, W)`` in ``[0, 1]`` (float32); each distinct row is decoded once."""
         if codes.shape[1] != grid[0] * grid[1]:
             raise ValueError(f"{codes.shape[1]} codes per image do not fill a {grid[0]}×{grid[1]} grid")
+        distinct, inverse = torch.unique(codes, dim=0, return_inverse=True)
+        if distinct.shape[0] < codes.shape[0]:
+            return self.decode(distinct, grid)[inverse]
         return ((self._decode(codes, grid).float() + 1) / 2).clamp(0, 1)
 
     def _encode(self, pixels: Tensor) -> Tensor:

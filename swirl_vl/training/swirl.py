@@ -80,6 +80,26 @@ def zero_loss(model: nn.Module) -> Tensor:
     return sum(p.sum() * 0 for p in model.parameters() if p.requires_grad)
 
 
+def scored_once(score: Any, keys: list[Any], *columns: Tensor | list) -> Tensor:
+    """``score(*columns)`` ``(N,)``, the rows that share a key scored once (rows of ``columns``, tensors or lists,
+    picked): a group's identical rollouts, the same next state drawn twice, get one reward pass between them."""
+    where: dict[Any, int] = {}
+    first = [where.setdefault(key, i) for i, key in enumerate(keys)]
+    kept = sorted(set(first))
+    if len(kept) == len(keys):
+        return score(*columns)
+    picked = [c[kept] if isinstance(c, Tensor) else [c[i] for i in kept] for c in columns]
+    slot = {row: j for j, row in enumerate(kept)}
+    return score(*picked)[torch.tensor([slot[row] for row in first])]
+
+
+def rollout_keys(images: Tensor, group_size: int) -> list[tuple[int, int]]:
+    """Per rollout row (groups of ``group_size`` share a prompt), a key equal for equal rollouts of one group: its
+    group and which distinct image it drew (compared exactly)."""
+    drawn = torch.unique(images.flatten(1), dim=0, return_inverse=True)[1].tolist()
+    return [(i // group_size, image) for i, image in enumerate(drawn)]
+
+
 def mean_token_logprob(logp: Tensor, mask: Tensor) -> Tensor:
     """``(N, L)`` per-token log-probs → ``(N,)`` mean over the masked-in tokens."""
     m = mask.to(logp.dtype)
@@ -662,7 +682,8 @@ class SwirlModule(LightningModule):
                 )
                 x_rep, z_rep = part["x"].repeat_interleave(g, 0), [a for a in part["z"] for _ in range(g)]
                 with self.scoring("idm"):
-                    rewards = self.idm.model.log_likelihood(x_rep, rollout.images, z_rep).float()
+                    keys = rollout_keys(rollout.images, g)
+                    rewards = scored_once(self.idm.model.log_likelihood, keys, x_rep, rollout.images, z_rep).float()
                 chunks.append((rollout, rewards.clamp(min=self.hparams.reward_floor)))
         chunks += [None] * (num_chunks - len(chunks))
         beta, stand_ins = self.hparams.fwm_beta, range(kept, len(parts))
