@@ -29,13 +29,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
-from step_time import sprite_pairs, spread  # noqa: E402
+from step_time import spread, sprite_pairs  # noqa: E402
 
 
-def cpu_seconds(fn) -> float:
+def cpu_seconds(fn, *args):
+    """``fn(*args)``'s CPU seconds and its result."""
     start = time.process_time()
-    fn()
-    return time.process_time() - start
+    result = fn(*args)
+    return time.process_time() - start, result
 
 
 def sft_costs(args: argparse.Namespace) -> dict:
@@ -72,7 +73,7 @@ def sft_costs(args: argparse.Namespace) -> dict:
     for _ in range(args.repeats):
         for setting in ("off", "on"):
             fwm.vq.cache.capacity = 0 if setting == "off" else capacity
-            blocks[setting].append(statistics.median(cpu_seconds(step) for _ in range(args.steps)))
+            blocks[setting].append(statistics.median(cpu_seconds(step)[0] for _ in range(args.steps)))
     ratios = [on / off for on, off in zip(blocks["on"], blocks["off"])]
     return {
         "cpu_s_per_step_cache_off": spread(blocks["off"]),
@@ -101,20 +102,14 @@ def phase1_costs(args: argparse.Namespace) -> dict:
         for r in range(args.repeats):
             x = pool_x[r * n : (r + 1) * n]
             z = [actions[i % len(actions)] for i in range(n)]
-            rollout = None
-
-            def sample() -> None:
-                nonlocal rollout
-                rollout = fwm.sample(x, z, num_samples=g)
-
-            times["sample"].append(cpu_seconds(sample))
+            seconds, rollout = cpu_seconds(fwm.sample, x, z, g)
+            times["sample"].append(seconds)
             x_rep, z_rep = x.repeat_interleave(g, 0), [a for a in z for _ in range(g)]
             keys = rollout_keys(rollout.images, g)
             distinct, total = distinct + len(set(keys)), total + len(keys)
-            times["reward_every_row"].append(cpu_seconds(lambda: idm.log_likelihood(x_rep, rollout.images, z_rep)))
-            times["reward_once"].append(
-                cpu_seconds(lambda: scored_once(idm.log_likelihood, keys, x_rep, rollout.images, z_rep))
-            )
+            times["reward_every_row"].append(cpu_seconds(idm.log_likelihood, x_rep, rollout.images, z_rep)[0])
+            once = cpu_seconds(scored_once, idm.log_likelihood, keys, x_rep, rollout.images, z_rep)[0]
+            times["reward_once"].append(once)
     return {
         **{f"cpu_s_{name}": spread(values) for name, values in times.items()},
         "distinct_rollouts": distinct,

@@ -109,3 +109,21 @@ def test_step_time_measures_both_phases_and_trl_when_installed(tmp_path: Path) -
     if not with_trl:
         assert result["phase2"]["trl"]["cpu_s"]["median"] > 0 and result["phase2"]["ratio_cpu_s"]["median"] > 0
     assert "| phase2 | swirl |" in proc.stdout
+
+
+def test_vq_cache_times_sft_with_the_cache_off_and_on_and_phase1_rewards(tmp_path: Path) -> None:
+    from swirl_vl.models.idm import VLMIDM
+    from swirl_vl.models.token_fwm import TokenFWM
+
+    TokenFWM(str(tmp_path / "models" / "fwm"), build_tiny=True)
+    VLMIDM(str(tmp_path / "models" / "idm"), build_tiny="llava")
+    out = tmp_path / "vq_cache.json"
+    cmd = [sys.executable, "benchmarks/vq_cache.py", "--pool", "8", "--batch-size", "4", "--steps", "1"]
+    cmd += ["--repeats", "1", "--rl-batch-size", "2", "--group-size", "2", "--models", str(tmp_path / "models")]
+    cmd += ["--work", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["sft"]["cache_hits"] > 0 and result["sft"]["cpu_s_per_step_cache_off"]["median"] > 0
+    assert result["phase1"]["rollouts"] == 4 and 1 <= result["phase1"]["distinct_rollouts"] <= 4
+    assert "on/off" in proc.stdout and "distinct rollouts" in proc.stdout
