@@ -101,7 +101,7 @@ def test_images_seen_before_are_not_encoded_again_and_repeated_codes_are_decoded
 
     tokenizer.load_state_dict(tokenizer.state_dict())  # new weights: nothing cached is trusted
     assert tokenizer.cache.size == 0
-    tokenizer.cache.capacity = 2 * 16 * 4  # room for two images' codes: the least recently used go
+    tokenizer.cache.capacity = 2 * (16 + 16 * 4 + CodeCache.ENTRY_OVERHEAD)  # two images' codes: the oldest go
     tokenizer.encode(images[:3])
     assert len(tokenizer.cache._codes) == 2 and tokenizer.cache.get(CodeCache.keys(images[:1])[0]) is None
 
