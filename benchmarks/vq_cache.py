@@ -18,7 +18,6 @@ would draw no repeats, so this part needs trained ones.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -29,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
+from harness import write_json  # noqa: E402
 from step_time import spread, sprite_pairs  # noqa: E402
 
 
@@ -149,10 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{p1['cpu_s_reward_once']['median']:.3f}; distinct rollouts {p1['distinct_rollouts']}/{p1['rollouts']}"
         )
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(args.out)
+        write_json(args.out, result)
         print(f"wrote {args.out}")
 
 
