@@ -18,8 +18,7 @@ its parameters have ``requires_grad`` off and it stays in eval mode whatever the
 Because it is frozen, an image's codes never change: on CPU, ``encode`` keeps the codes of the images it has seen
 (``CodeCache``, keyed by a digest of their exact pixels), so the labelled pairs an SFT epoch revisits and the ``x`` of
 every rollout are encoded once: on the sprite world, a token FWM's SFT step (batch 32, one thread) takes 0.79× the
-CPU time (``benchmarks/vq_cache.py``). ``decode`` runs each distinct code row of a call once (rollouts of one
-prompt repeat: a fifth of them, for the demo's SFT models).
+CPU time (``benchmarks/vq_cache.py``).
 """
 
 from __future__ import annotations
@@ -150,12 +149,11 @@ class ImageTokenizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Codes ``(B, h*w)`` → images ``(B, 3, H, W)`` in ``[0, 1]`` (float32); each distinct row is decoded once."""
+        """Codes ``(B, h*w)`` → images ``(B, 3, H, W)`` in ``[0, 1]`` (float32). Every row is decoded: decoding only
+        the distinct rows would save a fifth of Phase I's decoding on the sprite world, but a batch size that changes
+        every call grew the process by ~300 MiB over 40 calls (the convolutions' buffers for each new size)."""
         if codes.shape[1] != grid[0] * grid[1]:
             raise ValueError(f"{codes.shape[1]} codes per image do not fill a {grid[0]}×{grid[1]} grid")
-        distinct, inverse = torch.unique(codes, dim=0, return_inverse=True)
-        if distinct.shape[0] < codes.shape[0]:
-            return self.decode(distinct, grid)[inverse]
         return ((self._decode(codes, grid).float() + 1) / 2).clamp(0, 1)
 
     def _encode(self, pixels: Tensor) -> Tensor:
