@@ -90,14 +90,16 @@ def test_images_seen_before_are_not_encoded_again(tmp_path: Path) -> None:
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     batch = torch.cat([images[:3], images[1:2]])  # one image twice
     first = tokenizer.encode(batch)
-    assert calls == [3] and torch.equal(first, vq_encode(tokenizer.model, batch))
-    again = tokenizer.encode(images)  # three seen, one new
-    assert calls == [3, 1] and torch.equal(again, vq_encode(tokenizer.model, images))
-    assert (tokenizer.cache.hits, tokenizer.cache.misses) == (3, 4)
+    assert calls == [4] and torch.equal(first, vq_encode(tokenizer.model, batch))
+    seen = tokenizer.encode(images[[2, 0, 1, 0]])  # every image seen: nothing encoded
+    assert calls == [4] and torch.equal(seen, first[[2, 0, 1, 0]])
+    again = tokenizer.encode(images)  # three seen, one new: the batch is encoded whole, as its caller gave it
+    assert calls == [4, 4] and torch.equal(again, vq_encode(tokenizer.model, images))
+    assert tokenizer.encode(images[3:]).tolist() == again[3:].tolist() and calls == [4, 4]
     changed = images.clone()
     changed[0, 0, 0, 0] += 1e-6  # a different image, however close
     tokenizer.encode(changed[:1])
-    assert calls == [3, 1, 1]
+    assert calls == [4, 4, 1]
 
     tokenizer.load_state_dict(tokenizer.state_dict())  # new weights: nothing cached is trusted
     assert tokenizer.cache.size == 0

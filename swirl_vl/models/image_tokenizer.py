@@ -16,8 +16,8 @@ business, not the tokenizer's.
 its parameters have ``requires_grad`` off and it stays in eval mode whatever the host's mode.
 
 Because it is frozen, an image's codes never change: on CPU, ``encode`` keeps the codes of the images it has seen
-(``CodeCache``, keyed by a digest of their exact pixels), so the labelled pairs an SFT epoch revisits and the ``x`` of
-every rollout are encoded once: on the sprite world, a token FWM's SFT step (batch 32, one thread) takes 0.79× the
+(``CodeCache``, keyed by a digest of their exact pixels), so the labelled pairs that SFT revisits every epoch are
+encoded once: on the sprite world, a token FWM's SFT step (batch 32, one thread) takes 0.79× the
 CPU time (``benchmarks/vq_cache.py``).
 """
 
@@ -128,20 +128,20 @@ class ImageTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        """Images ``(B, 3, H, W)`` in ``[0, 1]`` → codes ``(B, h*w)`` (long), raster order. On the CPU, images seen
-        before (the same pixels) are not encoded again."""
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` → codes ``(B, h*w)`` (long), raster order. On the CPU, a batch whose
+        images have all been seen (the same pixels) is not encoded again. A batch with any new image is encoded whole,
+        so that the encoder sees the batch sizes its callers give (encoding only the new images would hand it a
+        different size at every call, and each new size keeps its own convolution buffers)."""
         if self.cache.capacity == 0 or images.device.type != "cpu" or self.device.type != "cpu":
             return self._encoded(images)
         keys = CodeCache.keys(images)
-        found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
-        missing = [key for key, codes in found.items() if codes is None]
-        if missing:
-            first = {key: i for i, key in reversed(list(enumerate(keys)))}
-            fresh = self._encoded(images[[first[key] for key in missing]])
-            for key, codes in zip(missing, fresh):
-                found[key] = codes
-                self.cache.put(key, codes)
-        return torch.stack([found[key].long() for key in keys])
+        found = [self.cache.get(key) for key in keys]
+        if all(codes is not None for codes in found):
+            return torch.stack(found)
+        codes = self._encoded(images)
+        for key, row in zip(keys, codes):
+            self.cache.put(key, row)
+        return codes
 
     def _encoded(self, images: Tensor) -> Tensor:
         codes = self._encode(images.to(self.dtype).clamp(0, 1) * 2 - 1)
