@@ -17,7 +17,7 @@ its parameters have ``requires_grad`` off and it stays in eval mode whatever the
 
 Because it is frozen, an image's codes never change: on CPU, ``encode`` keeps the codes of the images it has seen
 (``CodeCache``, keyed by a digest of their exact pixels), so the labelled pairs that SFT revisits every epoch are
-encoded once: on the sprite world, a token FWM's SFT step (batch 32, one thread) takes 0.79× the
+encoded once: on the sprite world, a token FWM's SFT step (batch 32, one thread) takes 0.76× the
 CPU time (``benchmarks/vq_cache.py``).
 """
 
