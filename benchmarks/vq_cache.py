@@ -4,8 +4,8 @@
     python benchmarks/vq_cache.py --models runs/sprites/version_0/pretrained/sft   # Phase I with trained models
 
 SFT: the token FWM's SFT step (batch 32, AdamW) on a fixed pool of labelled sprite pairs (the demo's 1,400 by
-default) drawn in shuffled epochs, with the code cache off (``cache_mib`` 0: every image VQ-encoded, as before) and
-on. The cache fills during the first epoch; steps are timed after it. The two settings alternate in blocks of
+default) drawn in shuffled epochs, with the code cache off (its ``capacity`` 0: every image VQ-encoded, as before)
+and on. The cache fills during the first epoch; steps are timed after it. The two settings alternate in blocks of
 ``--steps`` steps, ``--repeats`` times, one thread, CPU time; the medians and the ratio within each pair of blocks
 are printed.
 

@@ -83,14 +83,18 @@ def zero_loss(model: nn.Module) -> Tensor:
 def scored_once(score: Any, keys: list[Any], *columns: Tensor | list) -> Tensor:
     """``score(*columns)`` ``(N,)``, the rows that share a key scored once (rows of ``columns``, tensors or lists,
     picked): a group's identical rollouts, the same next state drawn twice, get one reward pass between them."""
-    where: dict[Any, int] = {}
-    first = [where.setdefault(key, i) for i, key in enumerate(keys)]
-    kept = sorted(set(first))
+    slots: dict[Any, int] = {}
+    kept: list[int] = []  # the first row of each key
+    inverse: list[int] = []  # each row's key, as a position in kept
+    for row, key in enumerate(keys):
+        if key not in slots:
+            slots[key] = len(kept)
+            kept.append(row)
+        inverse.append(slots[key])
     if len(kept) == len(keys):
         return score(*columns)
     picked = [c[kept] if isinstance(c, Tensor) else [c[i] for i in kept] for c in columns]
-    slot = {row: j for j, row in enumerate(kept)}
-    return score(*picked)[torch.tensor([slot[row] for row in first])]
+    return score(*picked)[torch.tensor(inverse)]
 
 
 def rollout_keys(images: Tensor, group_size: int) -> list[tuple[int, int]]:
