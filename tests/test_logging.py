@@ -3,6 +3,7 @@ and `test` logging into the run it tests. Functions only; the CLI's tiny fit (te
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from PIL import ImageFont
+from tqdm import tqdm
 
 from datamodules.shards import SKIP_REASONS
 from datamodules.trajectory import SPLITS, TrajectoryDataModule, merge_rank_skips
@@ -81,6 +83,31 @@ def test_stage_progress_reads_stage_iteration_and_steps() -> None:
     assert stage_progress(schedule) == ("phase1 1/2", 120, 350)
     schedule.stage, schedule.iteration, schedule.step_in_phase = "phase2", 1, 7
     assert stage_progress(schedule) == ("phase2 2/2", 7, 50)
+
+
+def test_the_stage_bar_restarts_per_stage_not_per_epoch_and_rates_a_resumed_stage_from_its_restart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    progress, trainer = StageProgressBar(), SimpleNamespace(lightning_module=None)
+    monkeypatch.setattr(progress, "get_metrics", lambda *_: {})
+    progress.train_progress_bar = tqdm(desc="Training", file=io.StringIO())  # as Lightning makes it
+    bar = progress.train_progress_bar
+    schedule = SwirlSchedule(sft_steps=300, iterations=2, phase1_steps=350, phase2_steps=50)
+    monkeypatch.setattr(progress, "_schedule", lambda _: schedule)
+    progress.on_train_epoch_start(trainer)
+    started = bar.start_t
+    schedule.step_in_phase = 64  # a Lightning epoch ends here; the next one starts inside the same stage
+    progress.on_train_epoch_start(trainer)
+    assert (bar.desc, bar.n, bar.total, bar.start_t, bar.initial) == ("sft: ", 64, 300, started, 0)
+    # A fit resumed at step 120 of Phase I: the count starts there, and so does the rate.
+    schedule.stage, schedule.step_in_phase = "phase1", 120
+    progress._show_stage(trainer, schedule)
+    assert (bar.desc, bar.n, bar.total, bar.initial) == ("phase1 1/2: ", 120, 350, 120)
+    schedule.step_in_phase = 130
+    progress._show_stage(trainer, schedule)
+    elapsed = bar.format_dict["elapsed"]
+    rate = bar.format_meter(**(bar.format_dict | {"elapsed": 2.0}))  # 10 steps in 2 s
+    assert elapsed >= 0 and "5.00it/s" in rate, rate
 
 
 def test_the_default_progress_bar_becomes_the_stage_bar() -> None:

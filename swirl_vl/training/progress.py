@@ -36,14 +36,17 @@ class StageProgressBar(TQDMProgressBar):
             return None
         return next((c for c in trainer.callbacks if isinstance(c, SwirlSchedule)), None)
 
-    def _show_stage(self, trainer: Trainer, schedule: SwirlSchedule, restart: bool = False) -> None:
-        """Point the bar at the schedule's stage and step; a new stage restarts its count, rate and time left."""
+    def _show_stage(self, trainer: Trainer, schedule: SwirlSchedule) -> None:
+        """Point the bar at the schedule's stage and step. A new stage (or a new bar) restarts its count, rate and
+        time left; Lightning's epochs, which run through a stage, do not."""
         description, done, total = stage_progress(schedule)
         bar = self.train_progress_bar
-        new_stage = restart or bar.desc.rstrip(": ") != description
+        new_stage = bar.desc.rstrip(": ") != description
         if new_stage:
             bar.set_description(description, refresh=False)
             bar.reset(total=total)
+            # A stage entered part-way (a resumed fit): its rate counts the steps made from here, not the ones before.
+            bar.initial = min(done, total)
         bar.n = min(done, total)
         if new_stage or done % self.refresh_rate == 0 or done == total:
             bar.set_postfix(self.get_metrics(trainer, trainer.lightning_module))  # and refresh
@@ -55,7 +58,7 @@ class StageProgressBar(TQDMProgressBar):
             return super().on_train_epoch_start(trainer, *args)
         if self._leave:
             self.train_progress_bar = self.init_train_tqdm()
-        self._show_stage(trainer, schedule, restart=True)
+        self._show_stage(trainer, schedule)
 
     @override
     def on_train_batch_end(
