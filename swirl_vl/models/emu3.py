@@ -259,8 +259,11 @@ class Emu3IDM(TokenIDM):
     image_header = Emu3FWM.image_header  # reads boi_id, wrapper_id, grid and the tokenizer, which the IDM holds
 
     @override
+    def _adopt(self, fwm: Emu3FWM, max_new_tokens: int) -> None:
+        self.wrapper_id, self.eof_id = fwm.wrapper_id, fwm.eof_id  # the image header's tokens, before the prompt's
+        super()._adopt(fwm, max_new_tokens)
+
+    @override
     def _prompt_pieces(self) -> tuple[list[int], list[int], list[int]]:
-        vocabulary = self.lm.config.vocabulary_map
-        self.wrapper_id, eof = vocabulary[EMU3_WRAPPER], vocabulary[EMU3_EOF]
-        header = self.image_header()
+        header, eof = self.image_header(), self.eof_id
         return [*self._bos, *header], [eof, self.eoi_id, *header], [eof, self.eoi_id]
