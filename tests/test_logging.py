@@ -108,6 +108,9 @@ def test_the_stage_bar_restarts_per_stage_not_per_epoch_and_rates_a_resumed_stag
     elapsed = bar.format_dict["elapsed"]
     rate = bar.format_meter(**(bar.format_dict | {"elapsed": 2.0}))  # 10 steps in 2 s
     assert elapsed >= 0 and "5.00it/s" in rate, rate
+    # Under DDP every rank but 0 holds a disabled bar, which tqdm makes without a description.
+    progress.train_progress_bar = tqdm(disable=True)
+    progress.on_train_epoch_start(trainer)
 
 
 def test_the_default_progress_bar_becomes_the_stage_bar() -> None:

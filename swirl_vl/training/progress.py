@@ -58,7 +58,8 @@ class StageProgressBar(TQDMProgressBar):
             return super().on_train_epoch_start(trainer, *args)
         if self._leave:
             self.train_progress_bar = self.init_train_tqdm()
-        self._show_stage(trainer, schedule)
+        if not self.train_progress_bar.disable:  # a disabled bar (every rank but 0) has no description to compare
+            self._show_stage(trainer, schedule)
 
     @override
     def on_train_batch_end(
