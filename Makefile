@@ -28,7 +28,7 @@ format: $(STAMP)
 	$(PY) -m ruff format swirl_vl datamodules tests benchmarks
 
 test: lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -p no:cacheprovider -n 2 --dist loadfile --durations=15
+	OMP_NUM_THREADS=1 $(PY) -m pytest -p no:cacheprovider -n 2 --dist worksteal --durations=15
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
