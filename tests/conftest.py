@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,3 +18,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sprite_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty folder per test module; the sprite DataModule writes its shards there on first use."""
+    return tmp_path_factory.mktemp("sprites")

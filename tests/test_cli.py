@@ -19,12 +19,6 @@ from swirl_vl.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def sprite_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sprites")
-    return root
-
-
 def _tiny_args(tmp: Path, data_root: Path, *extra: str) -> list[str]:
     return [
         "--config",

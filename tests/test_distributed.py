@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 from test_cli import _checkpoint_state, _run, _tiny_args, _version_dir
-
-
-@pytest.fixture(scope="module")
-def sprite_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("sprites")  # the sprite DataModule writes its shards there on first use
 
 
 def test_ddp_and_fsdp2_two_processes_through_sft_phase1_phase2(tmp_path, sprite_root):

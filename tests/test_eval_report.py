@@ -17,7 +17,7 @@ from swirl_vl.eval.report import MetricTable, format_markdown, gather, write_rep
 from swirl_vl.eval.rollout import dealt_batches, rollout, rollout_trajectories
 from swirl_vl.training.sft import FWMModule, IDMModule
 from tests.sprite_oracles import OracleFWM, OracleIDM, sprite_batch, sprite_trajectories
-from tests.test_cli import _run, _tensorboard_tags, _tiny_args, _version_dir, sprite_root  # noqa: F401 (fixture)
+from tests.test_cli import _run, _tensorboard_tags, _tiny_args, _version_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

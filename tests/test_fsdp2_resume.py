@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from test_cli import _checkpoint_state, _run, _tiny_args, _version_dir
-
-
-@pytest.fixture(scope="module")
-def sprite_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("sprites")  # the sprite DataModule writes its shards there on first use
 
 
 def test_fsdp2_resumes_mid_phase_then_tests_and_predicts_on_two_processes(tmp_path, sprite_root):

@@ -39,8 +39,10 @@ class StageProgressBar(TQDMProgressBar):
     def _show_stage(self, trainer: Trainer, schedule: SwirlSchedule) -> None:
         """Point the bar at the schedule's stage and step. A new stage (or a new bar) restarts its count, rate and
         time left; Lightning's epochs, which run through a stage, do not."""
-        description, done, total = stage_progress(schedule)
         bar = self.train_progress_bar
+        if bar.disable:  # every rank but 0 holds a disabled bar, which has no description to compare
+            return
+        description, done, total = stage_progress(schedule)
         new_stage = bar.desc.rstrip(": ") != description
         if new_stage:
             bar.set_description(description, refresh=False)
@@ -58,8 +60,7 @@ class StageProgressBar(TQDMProgressBar):
             return super().on_train_epoch_start(trainer, *args)
         if self._leave:
             self.train_progress_bar = self.init_train_tqdm()
-        if not self.train_progress_bar.disable:  # a disabled bar (every rank but 0) has no description to compare
-            self._show_stage(trainer, schedule)
+        self._show_stage(trainer, schedule)
 
     @override
     def on_train_batch_end(
@@ -68,8 +69,7 @@ class StageProgressBar(TQDMProgressBar):
         schedule = self._schedule(trainer)
         if schedule is None:
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not self.train_progress_bar.disable:
-            self._show_stage(trainer, schedule)
+        self._show_stage(trainer, schedule)
 
     @override
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
