@@ -132,6 +132,7 @@ class SwirlModule(LightningModule):
         log_rollouts_every_n_steps: int = 50,
         sft_lr_schedule: LRSchedule = "cosine",
         sft_warmup_steps: int = 50,
+        sft_decay_fraction: float = 0.2,
         fwm_rl_lr: float | None = None,
         idm_rl_lr: float | None = None,
         phase1: Literal["grpo", "bootstrap"] = "grpo",
@@ -170,9 +171,12 @@ class SwirlModule(LightningModule):
                 iteration (``iteration``).
             grad_clip: gradient-norm clip for every optimiser step (0: off).
             log_rollouts_every_n_steps: how often (in steps of a phase) rollout grids / texts go to TensorBoard.
-            sft_lr_schedule: SFT learning rate over the stage: ``constant``, or ``cosine`` decay to 5% of each
-                optimiser's configured rate at the last SFT step.
+            sft_lr_schedule: SFT learning rate over the stage: ``constant``; ``cosine`` decay to 5% of each
+                optimiser's configured rate at the last SFT step; or ``wsd``: the full rate until the last
+                ``sft_decay_fraction`` of the steps, then that cosine decay over them. Each model's schedule spans
+                its own SFT steps (the FWM's ``sft_fwm_steps``).
             sft_warmup_steps: linear warm-up of the SFT learning rate, in steps.
+            sft_decay_fraction: the share of each model's SFT steps that ``wsd`` decays over.
             fwm_rl_lr: learning rate of the FWM in Phase I (None: its optimiser's configured rate).
                 RL updates want a far smaller step than SFT: at the SFT rate Phase I drifts off the reference.
             idm_rl_lr: learning rate of the IDM in Phase II (None: its optimiser's configured rate).
@@ -228,6 +232,8 @@ class SwirlModule(LightningModule):
         ):
             if value < 1:
                 raise ValueError(f"--model.init_args.{name} must be ≥ 1; got {value}")
+        if not 0 < sft_decay_fraction <= 1:
+            raise ValueError(f"--model.init_args.sft_decay_fraction must be in (0, 1]; got {sft_decay_fraction}")
         if sft_fwm_steps is not None and (sft_fwm_steps < 0 or shared_base):
             raise ValueError(
                 f"--model.init_args.sft_fwm_steps must be ≥ 0 and cannot be used with shared_base; got {sft_fwm_steps}"
@@ -515,7 +521,9 @@ class SwirlModule(LightningModule):
         h = self.hparams
         if self.stage == "sft":
             total = self.stage_steps if which == "idm" else self._sft_fwm_total()
-            return base * lr_factor(self.step_in_phase, total, h.sft_warmup_steps, h.sft_lr_schedule)
+            return base * lr_factor(
+                self.step_in_phase, total, h.sft_warmup_steps, h.sft_lr_schedule, decay_fraction=h.sft_decay_fraction
+            )
         rl_lr = h[f"{which}_rl_lr"]
         factor = lr_factor(self.step_in_phase, self.stage_steps, h.rl_warmup_steps, h.rl_lr_schedule)
         return (base if rl_lr is None else rl_lr) * factor
