@@ -45,7 +45,7 @@ class SwirlSchedule(Callback):
 
     def __init__(
         self,
-        sft_steps: int = 3000,
+        sft_steps: int = 1800,
         iterations: int = 2,
         phase1_steps: int = 350,
         phase2_steps: int = 50,
