@@ -148,8 +148,8 @@ def test_fit_sft_then_swirl_writes_events_images_checkpoint_and_table(tmp_path, 
     run = _version_dir(tmp_path)
     assert yaml.safe_load((run / "hparams.yaml").read_text())["idm_generation"] == {"temperature": 1.5}
     assert "pre-optimization state" not in proc.stderr  # Lightning's manual-optimisation checkpoint warning
-    # SFT: warm-up to the configured 1e-3, cosine down to 5% at the last SFT step; each phase: cosine from its
-    # rate (fwm_rl_lr, idm_rl_lr) down to 5% at its last step.
+    # SFT (the config's wsd): warm-up to the configured 1e-3, held, down to 5% at the last SFT step; each phase:
+    # cosine from its rate (fwm_rl_lr, idm_rl_lr) down to 5% at its last step.
     assert _scalar_values(run, "lr/fwm")[:6] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-5, 3e-5, 1.5e-6])
     assert _scalar_values(run, "lr/idm")[-3:] == pytest.approx([2e-5, 1.05e-5, 1e-6])
     # Fit ends at global step 13 (4 SFT steps × 2 optimisers + 2 + 3), between ModelCheckpoint's every-2-step saves;

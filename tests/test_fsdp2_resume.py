@@ -66,9 +66,9 @@ def test_fsdp2_resumes_mid_phase_then_tests_and_predicts_on_two_processes(tmp_pa
     two, one = _leaves(metrics["two"]), _leaves(metrics["one"])
     assert two.keys() == one.keys() and len(one) > 20
     close = {k: pytest.approx(v, rel=1e-5, abs=1e-6) if isinstance(v, float) else v for k, v in one.items()}
-    # fwm_action_sensitivity sets each pair against the action of the next pair in its batch: other batches, other
-    # counterfactuals, when the split is dealt to two processes.
-    apart = {k: (two[k], one[k]) for k in one if two[k] != close[k] and not k.endswith("/fwm_action_sensitivity")}
+    # The sensitivity metrics set each pair against the next pair in its batch (its action, its next state): other
+    # batches, other counterfactuals, when the split is dealt to two processes.
+    apart = {k: (two[k], one[k]) for k in one if two[k] != close[k] and not k.endswith("_sensitivity")}
     assert not apart, apart
 
     predictions = ["--ckpt_path", str(final), "--predictions.rollout_trajectories", "1"]

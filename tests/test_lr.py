@@ -33,3 +33,5 @@ def test_wsd_holds_the_rate_then_decays_over_its_last_fraction() -> None:
     assert lr_factor(90, 101, 10, "wsd", floor=0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 19)))
     assert lr_factor(100, 101, 10, "wsd") == pytest.approx(0.05)
     assert lr_factor(60, 101, 10, "wsd", decay_fraction=1.0) == lr_factor(60, 101, 10, "cosine")
+    # A stage so short that its decay is one step (4 steps, 2 warm-up: round(0.2 × 4) = 1) still ends annealed.
+    assert [lr_factor(s, 4, 2, "wsd") for s in range(4)] == pytest.approx([0.5, 1.0, 1.0, 0.05])

@@ -33,7 +33,9 @@ def lr_factor(
     start = warmup_steps
     if schedule == "wsd":
         start = max(warmup_steps, total_steps - max(1, round(decay_fraction * total_steps)))
-        if step < start or total_steps <= start + 1:
+        if step < start:
             return 1.0
+        if total_steps == start + 1:  # a decay of one step: that step is the annealed one
+            return floor
     progress = min(1.0, (step - start) / (total_steps - start - 1))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
