@@ -193,6 +193,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int = 0,
+        unlabelled_batch_size: int | None = None,
         labelled: str | None = "labelled/*.tar",
         unlabelled: str | None = "unlabelled/*.tar",
         val: str | None = "val/*.tar",
@@ -209,6 +210,8 @@ class TrajectoryDataModule(L.LightningDataModule):
             batch_size: Training pairs per batch, per device (for each of the labelled and unlabelled streams).
             eval_batch_size: Validation/test pairs per batch, per device.
             num_workers: DataLoader worker processes per device (0: load in the main process).
+            unlabelled_batch_size: Pairs per batch of the unlabelled stream (None: batch_size). An RL step uses the
+                first ``rl_batch_size`` pairs of it: set the two equal so that the stream decodes no more.
             labelled: Glob of the action-labelled shards (SFT), relative to root or absolute; None to leave out.
             unlabelled: Glob of the state-only shards (SWIRL; their actions are ignored); None to leave out.
             val: Glob of the validation shards; None for no validation.
@@ -219,15 +222,19 @@ class TrajectoryDataModule(L.LightningDataModule):
             shuffle_buffer: Pairs held in each training shuffle buffer.
         """
         super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError("batch_size and eval_batch_size must be >= 1")
-        if pairs_per_epoch < batch_size:
-            raise ValueError(f"pairs_per_epoch={pairs_per_epoch} is below one batch (batch_size={batch_size})")
+        if batch_size < 1 or eval_batch_size < 1 or (unlabelled_batch_size is not None and unlabelled_batch_size < 1):
+            raise ValueError("batch_size, eval_batch_size and unlabelled_batch_size must be >= 1")
+        if pairs_per_epoch < max(batch_size, unlabelled_batch_size or 0):
+            raise ValueError(
+                f"pairs_per_epoch={pairs_per_epoch} is below one batch (batch_size={batch_size}, "
+                f"unlabelled_batch_size={unlabelled_batch_size})"
+            )
         self.save_hyperparameters()
         self.root = root
         self.image_size = image_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
+        self.stream_batch_sizes = {"labelled": batch_size, "unlabelled": unlabelled_batch_size or batch_size}
         self.num_workers = num_workers
         self.patterns = {"labelled": labelled, "unlabelled": unlabelled, "val": val, "test": test}
         self.pairs_per_epoch = pairs_per_epoch
@@ -350,7 +357,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         """Endless resampled pair stream cut into equal epochs, so every DDP rank runs the same number of batches."""
         urls = self.shards(split)
         workers = max(1, self.num_workers)
-        batches_per_device = self.pairs_per_epoch // self.batch_size
+        batch_size = self.stream_batch_sizes[split]
+        batches_per_device = self.pairs_per_epoch // batch_size
         per_worker = math.ceil(batches_per_device / workers)
         seed = _split_seed(self.seed, split)
         pipeline = wds.DataPipeline(
@@ -359,7 +367,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             wds.split_by_worker,
             _ReadPairs(urls, self.image_size, self._skipped[split], self.tasks, labelled=split == "labelled"),
             _Shuffle(self.shuffle_buffer, seed),
-            wds.batched(self.batch_size, collation_fn=collate_pairs, partial=False),
+            wds.batched(batch_size, collation_fn=collate_pairs, partial=False),
         )
         # with_epoch counts per worker; with_length lets Lightning size the epoch (per_worker × workers per device)
         dataset = pipeline.with_epoch(per_worker).with_length(per_worker * workers, silent=True)
@@ -402,6 +410,7 @@ class SpriteDataModule(TrajectoryDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int = 0,
+        unlabelled_batch_size: int | None = None,
         pairs_per_epoch: int = 2048,
         tasks: list[str] | None = None,
         seed: int = 0,
@@ -421,6 +430,8 @@ class SpriteDataModule(TrajectoryDataModule):
             batch_size: Training pairs per batch, per device (for each of the labelled and unlabelled streams).
             eval_batch_size: Validation/test pairs per batch, per device.
             num_workers: DataLoader worker processes per device (0: load in the main process).
+            unlabelled_batch_size: Pairs per batch of the unlabelled stream (None: batch_size). An RL step uses the
+                first ``rl_batch_size`` pairs of it: set the two equal so that the stream decodes no more.
             pairs_per_epoch: Training pairs per epoch per device and per stream, rounded down to whole batches.
             tasks: Keep only pairs of these action types ("move", "paint", "remove", "add"); None keeps all.
             seed: Seed of the generated world and of the training streams.
@@ -439,6 +450,7 @@ class SpriteDataModule(TrajectoryDataModule):
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
+            unlabelled_batch_size=unlabelled_batch_size,
             pairs_per_epoch=pairs_per_epoch,
             tasks=tasks,
             seed=seed,

@@ -160,15 +160,18 @@ def setting_problems(config: Namespace) -> list[str]:
     if isinstance(data, Namespace) and isinstance(data.get("init_args"), Namespace):
         # Any DataModule's batch sizes; the trajectory DataModules cut each epoch into whole batches.
         init = data.init_args
-        for name in ("batch_size", "eval_batch_size"):
+        for name in ("batch_size", "eval_batch_size", "unlabelled_batch_size"):
             if isinstance(init.get(name), int) and init[name] < 1:
                 found.append(f"--data.init_args.{name} must be ≥ 1; got {init[name]}")
-        batch, epoch = init.get("batch_size"), init.get("pairs_per_epoch")
-        if isinstance(batch, int) and isinstance(epoch, int) and batch >= 1 and epoch < batch:
-            found.append(
-                f"--data.init_args.pairs_per_epoch must be ≥ --data.init_args.batch_size ({batch}): an epoch holds "
-                f"whole batches; got {epoch}"
-            )
+        epoch = init.get("pairs_per_epoch")
+        sizes = {n: init.get(n) for n in ("batch_size", "unlabelled_batch_size") if isinstance(init.get(n), int)}
+        if sizes and isinstance(epoch, int):
+            name, batch = max(sizes.items(), key=lambda item: item[1])  # the larger stream batch
+            if batch >= 1 and epoch < batch:
+                found.append(
+                    f"--data.init_args.pairs_per_epoch must be ≥ --data.init_args.{name} ({batch}): an epoch holds "
+                    f"whole batches; got {epoch}"
+                )
     schedule = config.get("schedule")
     if isinstance(schedule, Namespace):
         found += SwirlSchedule.problems(

@@ -58,9 +58,22 @@ def test_schedule_defaults_are_the_sprite_configs():
         (["--schedule.phase1_steps", "-3"], "--schedule.phase1_steps must be ≥ 0; got -3"),
         (["--schedule.eval_max_batches", "0"], "--schedule.eval_max_batches must be ≥ 1"),
         (["--data.batch_size", "0"], "--data.init_args.batch_size must be ≥ 1; got 0"),
-        (["--data.pairs_per_epoch", "3"], "--data.init_args.pairs_per_epoch must be ≥ --data.init_args.batch_size (4)"),
+        (
+            ["--data.pairs_per_epoch", "3", "--data.unlabelled_batch_size", "2"],
+            "--data.init_args.pairs_per_epoch must be ≥ --data.init_args.batch_size (4)",
+        ),
+        (["--data.unlabelled_batch_size", "0"], "--data.init_args.unlabelled_batch_size must be ≥ 1; got 0"),
     ],
-    ids=["group-size-1", "rl-batch-0", "negative-warmup", "negative-phase", "eval-batches-0", "batch-0", "epoch"],
+    ids=[
+        "group-size-1",
+        "rl-batch-0",
+        "negative-warmup",
+        "negative-phase",
+        "eval-batches-0",
+        "batch-0",
+        "epoch",
+        "unlabelled-batch-0",
+    ],
 )
 def test_a_setting_no_run_can_use_is_named_in_one_line_before_any_model_loads(tmp_path, setting, message):
     code, _ = _exit(["fit", *_tiny_args(tmp_path, tmp_path / "data"), *setting])

@@ -49,6 +49,21 @@ def test_training_batches(root: Path) -> None:
             _check_batch(batch, 8, hidden_actions=name == "unlabelled")
 
 
+def test_the_unlabelled_stream_has_its_own_batch_size(root: Path) -> None:
+    """An RL step uses ``rl_batch_size`` unlabelled pairs: the stream can decode just those, the labelled one keeps
+    the SFT batch."""
+    dm = TrajectoryDataModule(str(root), shuffle_buffer=64, batch_size=8, unlabelled_batch_size=4, pairs_per_epoch=40)
+    dm.setup("fit")
+    loaders = dm.train_dataloader()
+    for name, size, count in (("labelled", 8, 5), ("unlabelled", 4, 10)):
+        batches = list(loaders[name])
+        assert len(batches) == len(loaders[name]) == count
+        for batch in batches:
+            _check_batch(batch, size, hidden_actions=name == "unlabelled")
+    with pytest.raises(ValueError, match="below one batch"):
+        TrajectoryDataModule(str(root), batch_size=8, unlabelled_batch_size=64, pairs_per_epoch=40)
+
+
 def test_eval_batches_and_trajectories(root: Path) -> None:
     dm = TrajectoryDataModule(str(root), eval_batch_size=7)
     val = list(dm.val_dataloader())

@@ -211,3 +211,28 @@ def test_a_groups_prompt_runs_once_with_the_same_logprobs_and_gradients(idm: VLM
     assert len(results[0][1]) == len(results[1][1]) > 0
     for full, shared in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(full, shared, atol=1e-5, rtol=1e-4)
+
+
+def test_a_groups_repeated_samples_score_once_with_the_same_logprobs_and_gradients(idm: VLMIDM, pairs) -> None:
+    """A group's identical rows (the same action drawn twice) run their tail once: log-probs and gradients equal
+    those of every row scored in full; the same tokens in another group (other images) still score on their own."""
+    if idm._mrope:
+        pytest.skip("multimodal RoPE: VLMIDM scores G full copies (positions depend on the image grid)")
+    x, y, _ = pairs
+    rollout = idm.sample(x[:2], y[:2], num_samples=3, max_new_tokens=5)
+    context = {k: v.clone() for k, v in rollout.context.items()}
+    length = rollout.mask.shape[1]
+    for key in ("input_ids", "attention_mask"):  # rows 1 and 2 repeat row 0; row 3 (group 1) takes its tokens too
+        context[key][1:4, -length:] = context[key][0, -length:]
+    idm.train()
+    results = []
+    for group_size in (1, rollout.group_size):
+        idm.zero_grad()
+        logp = idm._completion_logprobs(context, length, rollout.temperature, group_size)
+        logp.sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in idm.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(results[1][0][1], results[1][0][0]) and not torch.allclose(results[1][0][3], results[1][0][0])
+    assert len(results[0][1]) == len(results[1][1]) > 0
+    for full, shared in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(full, shared, atol=1e-5, rtol=1e-4)

@@ -172,3 +172,33 @@ def test_head_rows_gives_the_full_heads_columns_and_their_gradients(fwm: TokenFW
     torch.testing.assert_close(kept, full)
     torch.testing.assert_close(kept_grad, full_grad)
     assert fwm.lm(input_ids=ids).logits.shape[-1] == weight.shape[0]  # the whole head is back after the block
+
+
+def test_a_groups_repeated_samples_score_once_with_the_same_logprobs_and_gradients(fwm: TokenFWM) -> None:
+    """A rollout group's identical samples run their image tail once; log-probs and gradients equal those of every
+    row scored in full, and the decoded images equal the codes' own decoding."""
+    x, _, z = sprite_pairs(2)
+    rollout = fwm.sample(x, z, num_samples=4)
+    ids = rollout.context["input_ids"].clone()
+    S = fwm.image_length
+    ids[1:3, -S:] = ids[0, -S:]  # group 0: rows 1 and 2 repeat row 0
+    mask = rollout.context["attention_mask"]
+    fwm.train()
+    results = []
+    rows: list[int] = []
+    hook = fwm.lm.register_forward_pre_hook(
+        lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    for group_size in (1, rollout.group_size):
+        fwm.zero_grad()
+        logp = fwm.code_logprobs(ids, mask, rollout.temperature, group_size)
+        logp.sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in fwm.parameters() if p.grad is not None]))
+    hook.remove()
+    assert rows[0] == 8 and rows[1] == 2 and rows[2] <= 6  # every row; the 2 prompts; the distinct tails
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    assert len(results[0][1]) == len(results[1][1]) > 0
+    for full, shared in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(full, shared, atol=1e-5, rtol=1e-4)
+    codes = fwm.image_codes(rollout.context["input_ids"][:, -S:])
+    torch.testing.assert_close(rollout.images, fwm.decode_codes(codes), atol=1e-6, rtol=1e-5)

@@ -231,16 +231,19 @@ def grouped_tail_logits(
     """``(N, L, V)`` logits that predict the last ``L = length`` tokens of each row of ``inputs`` (left-padded), for
     rows that come in groups of ``group_size`` sharing everything before those tokens (a rollout group's prompt).
 
-    The prompt runs once per group (``N / G`` rows, with grad) and its KV cache is repeated ``G`` times for the
-    ``L`` tail tokens, instead of running ``G`` copies of it: the same logits up to float error, and the gradient
-    reaches the prompt's activations through the repeated cache. ``per_token``: keys other than ``input_ids`` /
-    ``attention_mask`` with one entry per token (split like them); every other key (images) is laid out per row in
-    equal blocks and is given to the prompt pass only.
+    The prompt runs once per group (``N / G`` rows, with grad) and its KV cache is repeated for the ``L`` tail
+    tokens, instead of running ``G`` copies of it; a group's identical rows (the same sample drawn twice, common in
+    a rollout group) run their tail once too. The same logits up to float error, and the gradient reaches the
+    prompt's activations through the repeated cache and each row through its copy of the shared tail.
+    ``per_token``: keys other than ``input_ids`` / ``attention_mask`` with one entry per token (split like them);
+    every other key (images) is laid out per row in equal blocks and is given to the prompt pass only.
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     n, width = ids.shape
     p = width - length
     positions = left_pad_positions(mask)
+    # A group's identical rows (the same sample drawn twice) share their tail: it runs for the kept rows only.
+    kept, inverse = distinct_rows_in_groups([ids, mask, *(inputs[k] for k in per_token if k in inputs)], group_size)
     prompt = {}
     for key, value in inputs.items():
         if key in ("input_ids", "attention_mask", *per_token):
@@ -248,15 +251,49 @@ def grouped_tail_logits(
         else:  # per-row blocks (two images of a pair, say): the first row's block of each group
             blocks = value.reshape(n, value.shape[0] // n, *value.shape[1:])
             prompt[key] = blocks[::group_size].flatten(0, 1)
-    head = prefill_once(model, prompt, positions[::group_size, :p], group_size)
+    head = model(**prompt, position_ids=positions[::group_size, :p], use_cache=True, logits_to_keep=1)
+    groups = kept // group_size
+    head.cache.batch_select_indices(groups)  # each kept row gets its group's prompt cache
     tail = model(
-        input_ids=ids[:, p:],
-        attention_mask=mask,
-        position_ids=positions[:, p:],
+        input_ids=ids[kept, p:],
+        attention_mask=mask[kept],
+        position_ids=positions[kept, p:],
         cache=head.cache,
         use_cache=True,
         logits_to_keep=length,
-        **{key: inputs[key][:, p:] for key in per_token if key in inputs},
+        **{key: inputs[key][kept, p:] for key in per_token if key in inputs},
     ).logits
     # The prompt's last position predicts the first tail token; tail position j predicts tail token j + 1.
-    return torch.cat([head.logits[:, -1:].repeat_interleave(group_size, 0), tail[:, :-1]], 1)
+    logits = torch.cat([head.logits[groups, -1:], tail[:, :-1]], 1)
+    return logits if kept.numel() == n else logits[inverse]
+
+
+def per_distinct_row(fn: Callable[[Tensor], Tensor], rows: Tensor, multiple: int = 8) -> Tensor:
+    """``fn(rows)`` for a row-wise ``fn``, run on each distinct row once: a rollout group that draws the same image
+    codes twice decodes them once. The same output as ``fn(rows)`` up to float error.
+
+    The distinct rows are padded (with copies of the first) to a multiple of ``multiple``: a convolution keeps
+    buffers for every batch size it meets, and a size that changed with every call grew a CPU process by ~300 MiB
+    over 40 calls; in multiples of 8 there are at most ``N / 8`` sizes."""
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    padded = -(-distinct.shape[0] // multiple) * multiple
+    if padded >= rows.shape[0]:
+        return fn(rows)
+    filler = distinct[:1].expand(padded - distinct.shape[0], *distinct.shape[1:])
+    return fn(torch.cat([distinct, filler]))[inverse]
+
+
+def distinct_rows_in_groups(columns: list[Tensor], group_size: int) -> tuple[Tensor, Tensor]:
+    """Rows of ``columns`` (tensors of ``N`` rows, compared together) that are distinct within their group of
+    ``group_size`` consecutive rows: ``kept (R,)``, the first row of each distinct one in order, and ``inverse
+    (N,)``, each row's position in ``kept``. Rows of different groups are never merged (their images may differ)."""
+    n = columns[0].shape[0]
+    group = torch.arange(n, device=columns[0].device) // group_size
+    flat = torch.cat([group[:, None], *(c.reshape(n, -1).long() for c in columns)], 1)
+    _, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.long, device=flat.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(n, device=flat.device), reduce="amin")
+    order = first.argsort()  # unique rows in the order they first appear
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return first[order], rank[inverse]

@@ -49,7 +49,7 @@ from swirl_vl.models.base import (
     write_folder_atomically,
     write_settings,
 )
-from swirl_vl.models.generation import left_pad_positions
+from swirl_vl.models.generation import left_pad_positions, per_distinct_row
 from swirl_vl.models.text import build_text_tokenizer
 from swirl_vl.models.tiny_vlm import TINY_TEXT_SIZE, special_token_ids, write_tiny_vlm
 
@@ -299,7 +299,7 @@ class JanusFWM(ForwardWorldModel):
             group_size=num_samples,
             old_logprobs=old_logprobs,
             mask=torch.ones_like(old_logprobs, dtype=torch.bool),
-            images=self.decode_codes(codes),
+            images=per_distinct_row(self.decode_codes, codes),
             context=context,
             temperature=scored_temperature,
         )

@@ -51,7 +51,14 @@ from swirl_vl.models.base import (
     write_folder_atomically,
     write_settings,
 )
-from swirl_vl.models.generation import LogitGuidance, RecordLogprobs, generate_groups, head_rows, tail_logits
+from swirl_vl.models.generation import (
+    LogitGuidance,
+    RecordLogprobs,
+    generate_groups,
+    head_rows,
+    per_distinct_row,
+    tail_logits,
+)
 from swirl_vl.models.image_tokenizer import ImageTokenizer, load_image_tokenizer, resize_square
 from swirl_vl.models.text import build_text_tokenizer
 from swirl_vl.models.vq import SHIPPED_SPRITE_VQ
@@ -398,7 +405,7 @@ class TokenFWM(ForwardWorldModel):
         )  # (N, T + S)
         mask = mask.repeat_interleave(num_samples, 0)
         full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], S)], 1)
-        images = self.decode_codes(self.image_codes(sequences[:, -S:]))
+        images = per_distinct_row(self.decode_codes, self.image_codes(sequences[:, -S:]))
         context = {"input_ids": sequences, "attention_mask": full_mask}
         if self.guidance_scale != 1:  # the unconditional prompts followed by the same sampled codes
             u_mask = u_mask.repeat_interleave(num_samples, 0)
