@@ -127,3 +127,23 @@ def test_vq_cache_times_sft_with_the_cache_off_and_on_and_phase1_rewards(tmp_pat
     assert result["sft"]["cache_hits"] > 0 and result["sft"]["cpu_s_per_step_cache_off"]["median"] > 0
     assert result["phase1"]["rollouts"] == 4 and 1 <= result["phase1"]["distinct_rollouts"] <= 4
     assert "on/off" in proc.stdout and "distinct rollouts" in proc.stdout
+
+
+def test_phase_times_runs_both_versions_side_by_side(tmp_path: Path) -> None:
+    from swirl_vl.models.idm import VLMIDM
+    from swirl_vl.models.token_fwm import TokenFWM
+
+    TokenFWM(str(tmp_path / "sft" / "fwm"), build_tiny=True)
+    VLMIDM(str(tmp_path / "sft" / "idm"), build_tiny="llava")
+    out = tmp_path / "phase_times.json"
+    cmd = [sys.executable, "benchmarks/phase_times.py", "--before", "HEAD", "--sft", str(tmp_path / "sft")]
+    cmd += ["--data", str(tmp_path / "data"), "--repeats", "1", "--phase1-steps", "1", "--phase2-steps", "1"]
+    cmd += ["--out", str(out), "--", *TINY_DATA, "--data.unlabelled_batch_size=2"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["runs"]["before"]) == len(result["runs"]["after"]) == 1
+    for side in ("before", "after"):
+        (run,) = result["runs"][side]
+        assert set(run["seconds_per_step"]) == {"phase1", "phase2"} and run["cpu_s"] > 0
+    assert result["ratios"]["phase1"]["median"] > 0 and "after / before" in proc.stdout
