@@ -93,7 +93,14 @@ def main() -> None:
                 for side in order:
                     tree = old if side == "before" else REPO
                     out = run(
-                        tree, a.sft.resolve(), a.data.resolve(), Path(tmp) / f"{side}{r}", *steps(a), extra, a.threads
+                        tree,
+                        a.sft.resolve(),
+                        a.data.resolve(),
+                        Path(tmp) / f"{side}{r}",
+                        a.phase1_steps,
+                        a.phase2_steps,
+                        extra,
+                        a.threads,
                     )
                     runs[side].append(out)
                     print(f"repeat {r} {side}: {json.dumps(out)}", flush=True)
@@ -118,10 +125,6 @@ def main() -> None:
     tmp_out.write_text(json.dumps({"settings": settings, "runs": runs, "ratios": ratios}, indent=2))
     tmp_out.replace(a.out)
     print(f"written {a.out}")
-
-
-def steps(a: argparse.Namespace) -> tuple[int, int]:
-    return a.phase1_steps, a.phase2_steps
 
 
 if __name__ == "__main__":

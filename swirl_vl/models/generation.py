@@ -284,16 +284,18 @@ def per_distinct_row(fn: Callable[[Tensor], Tensor], rows: Tensor, multiple: int
 
 
 def distinct_rows_in_groups(columns: list[Tensor], group_size: int) -> tuple[Tensor, Tensor]:
-    """Rows of ``columns`` (tensors of ``N`` rows, compared together) that are distinct within their group of
-    ``group_size`` consecutive rows: ``kept (R,)``, the first row of each distinct one in order, and ``inverse
-    (N,)``, each row's position in ``kept``. Rows of different groups are never merged (their images may differ)."""
+    """Rows of ``columns`` (tensors of ``N`` rows, compared together, exactly) that are distinct within their group
+    of ``group_size`` consecutive rows: ``kept (R,)``, the first row of each distinct one, in row order, and
+    ``inverse (N,)``, each row's position in ``kept``. Rows of different groups are never merged (their images may
+    differ)."""
     n = columns[0].shape[0]
     group = torch.arange(n, device=columns[0].device) // group_size
-    flat = torch.cat([group[:, None], *(c.reshape(n, -1).long() for c in columns)], 1)
+    # float64 holds token ids and float32 pixels exactly: one table to compare
+    flat = torch.cat([group[:, None].double(), *(c.reshape(n, -1).double() for c in columns)], 1)
     _, inverse = torch.unique(flat, dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.long, device=flat.device)
+    first = torch.full((int(inverse.max()) + 1,), n, device=flat.device)
     first = first.scatter_reduce(0, inverse, torch.arange(n, device=flat.device), reduce="amin")
-    order = first.argsort()  # unique rows in the order they first appear
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device)
-    return first[order], rank[inverse]
+    order = first.argsort()  # distinct rows in the order they first appear: no repeats, kept is 0 … N-1
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    return first[order], position[inverse]
