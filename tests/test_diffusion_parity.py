@@ -15,12 +15,12 @@ from pathlib import Path
 import diffusers
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionInstructPix2PixPipeline
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionInstructPix2PixPipeline
 from torch import Tensor
 from torch.testing import assert_close
 
 from swirl_vl.models.diffusion_fwm import DiffusionFWM
-from swirl_vl.models.tiny_diffusion import PIPELINE_CLASS, PIXEL_CLASS, build_tiny_instruct_pix2pix
+from swirl_vl.models.tiny_diffusion import PIPELINE_CLASS, PIXEL_CLASS, SHIPPED_SPRITE_VAE, build_tiny_instruct_pix2pix
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -164,3 +164,27 @@ def test_save_pretrained_round_trips_into_the_pipeline(
     saved = assert_parity(fwm, load_pipeline(tmp_path / "saved"), GUIDED, record_property)
     original = DiffusionFWM(str(latent_path), num_inference_steps=STEPS, guidance_scale=GUIDED[0])
     assert not torch.allclose(saved, original.sample(source_images(), PROMPTS, greedy=True).images)
+
+
+@pytest.mark.parametrize("scales", [GUIDED, UNGUIDED], ids=["guided", "unguided"])
+def test_sprite_latent_folder_equals_the_pipeline(
+    tmp_path: Path, scales: tuple[float, float], record_property: Callable[[str, object], None]
+) -> None:
+    """The sprite config's latent model (the shipped autoencoder, the x̂_0-predicting trailing schedule) is built
+    through the same constructor the config uses, and the pipeline samples it as DiffusionFWM does."""
+    path = tmp_path / "sprite_latent"
+    fwm = DiffusionFWM(
+        str(path),
+        build_tiny=True,
+        tiny_vae="sprites",
+        num_inference_steps=STEPS,
+        guidance_scale=scales[0],
+        image_guidance_scale=scales[1],
+    )
+    config = fwm.scheduler.config
+    assert (config.prediction_type, config.timestep_spacing, config.clip_sample) == ("sample", "trailing", False)
+    shipped = AutoencoderKL.from_pretrained(SHIPPED_SPRITE_VAE)
+    assert fwm.vae.config.scaling_factor == shipped.config.scaling_factor != 0.18215
+    for ours, theirs in zip(fwm.vae.state_dict().values(), shipped.state_dict().values()):
+        assert torch.equal(ours, theirs)
+    assert_parity(fwm, load_pipeline(path), scales, record_property)

@@ -34,7 +34,7 @@ from swirl_vl.models.base import (
     enable_gradient_checkpointing,
     missing_checkpoint_error,
 )
-from swirl_vl.models.tiny_diffusion import build_tiny_instruct_pix2pix, write_model_index
+from swirl_vl.models.tiny_diffusion import SHIPPED_SPRITE_VAE, build_tiny_instruct_pix2pix, write_model_index
 from swirl_vl.rl.ddim import (
     ddim_alphas,
     ddim_step_mean_std,
@@ -79,6 +79,8 @@ class DiffusionFWM(ForwardWorldModel):
         path: local diffusers folder (``model_index.json``, ``unet/``, ``text_encoder/``, ``tokenizer/``,
             ``scheduler/``, optional ``vae/``). Nothing is downloaded.
         build_tiny: when ``path`` does not exist, build a tiny random pixel-space model there first.
+        tiny_vae: with ``build_tiny``, build a latent-space model instead, on this trained ``AutoencoderKL`` folder;
+            ``"sprites"``: the autoencoder shipped for the sprite world (``swirl_vl/assets/sprite_vae``).
         seed: seed of the tiny build and of the fixed start noise of greedy sampling.
         num_inference_steps: DDIM steps per sample (= "tokens" per rollout).
         eta: DDIM η of stochastic sampling (Phase I rollouts); must be > 0 for the steps to have a density.
@@ -98,6 +100,7 @@ class DiffusionFWM(ForwardWorldModel):
         self,
         path: str,
         build_tiny: bool = False,
+        tiny_vae: str | None = None,
         seed: int = 0,
         num_inference_steps: int = 10,
         eta: float = 1.0,
@@ -130,7 +133,8 @@ class DiffusionFWM(ForwardWorldModel):
 
         if not self.path.exists() and build_tiny:
             try:
-                build_tiny_instruct_pix2pix(self.path, seed=seed, image_size=image_size)
+                vae = SHIPPED_SPRITE_VAE if tiny_vae == "sprites" else tiny_vae
+                build_tiny_instruct_pix2pix(self.path, seed=seed, image_size=image_size, vae=vae)
             except FileExistsError:
                 pass  # another process (a DDP rank) built it between our check and our build
         if (error := _missing_folder(self.path, build_tiny=False)) is not None:

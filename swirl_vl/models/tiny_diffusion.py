@@ -101,8 +101,13 @@ def _write_tokenizer(path: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(path)
 
 
-def tiny_scheduler() -> DDIMScheduler:
-    """Pixel-space DDPM schedule; ``trailing`` spacing starts sampling from pure noise and ends at ᾱ = 1.
+SHIPPED_SPRITE_VAE = Path(__file__).resolve().parent.parent / "assets" / "sprite_vae"
+"""The trained sprite-world autoencoder shipped with the package (4× downsampling, 4 latent channels; made by
+``swirl_vl.models.sprite_vae``)."""
+
+
+def tiny_scheduler(clip_sample: bool = True) -> DDIMScheduler:
+    """The tiny models' DDPM schedule; ``trailing`` spacing starts sampling from pure noise and ends at ᾱ = 1.
 
     The UNet predicts the clean image (``sample``), not ε: a tiny, briefly trained ε-model divides its error by
     √ᾱ_t ≈ 0.006 at the first steps, and 10-step samples stay grey (L1 0.47 to sprite targets after 600 SFT
@@ -113,7 +118,7 @@ def tiny_scheduler() -> DDIMScheduler:
         beta_schedule="linear",
         beta_start=1e-4,
         beta_end=0.02,
-        clip_sample=True,  # pixels live in [-1, 1]; clipping x̂_0 keeps few-step samples in range
+        clip_sample=clip_sample,  # pixels live in [-1, 1]: clipping x̂_0 keeps few-step samples in range (not latents)
         set_alpha_to_one=True,
         timestep_spacing="trailing",
         prediction_type="sample",
@@ -170,12 +175,19 @@ def write_model_index(path: Path, has_vae: bool) -> None:
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def build_instruct_pix2pix_folder(path: str | Path, seed: int = 0, image_size: int = 32, latent: bool = False) -> Path:
+def build_instruct_pix2pix_folder(
+    path: str | Path, seed: int = 0, image_size: int = 32, latent: bool = False, vae: str | Path | None = None
+) -> Path:
     """Write the tiny model to ``path`` (created; existing files are overwritten) and return it.
 
     ``latent``: the latent-space layout (``vae/``, 8-in / 4-out UNet on ``image_size / 4`` latents, ε-prediction
     DDIM) that ``StableDiffusionInstructPix2PixPipeline`` loads; otherwise the pixel-space model.
+    ``vae``: a trained ``AutoencoderKL`` folder (e.g. ``sprite_vae.SHIPPED_SPRITE_VAE``): the latent layout on its
+    latents, with the tiny models' x̂_0-predicting schedule (unclipped) instead of Stable Diffusion's ε schedule,
+    for the reason ``tiny_scheduler`` gives. Implies ``latent``.
     """
+    vae_is_random = vae is None
+    latent = latent or vae is not None
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _write_tokenizer(path / "tokenizer")
@@ -185,7 +197,7 @@ def build_instruct_pix2pix_folder(path: str | Path, seed: int = 0, image_size: i
         torch.manual_seed(seed)
         text_encoder = _tiny_text_encoder(tokenizer)
         if latent:
-            vae = _tiny_vae(image_size)
+            vae = tiny_autoencoder(image_size) if vae is None else AutoencoderKL.from_pretrained(vae)
             factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the pipeline's vae_scale_factor
             if image_size % factor:
                 raise ValueError(f"image_size={image_size} must be a multiple of the VAE's scale factor {factor}")
@@ -195,7 +207,11 @@ def build_instruct_pix2pix_folder(path: str | Path, seed: int = 0, image_size: i
             unet = _tiny_unet(image_size)
     text_encoder.save_pretrained(path / "text_encoder")
     unet.save_pretrained(path / "unet")
-    (latent_scheduler() if latent else tiny_scheduler()).save_pretrained(path / "scheduler")
+    if not latent:
+        scheduler = tiny_scheduler()
+    else:
+        scheduler = latent_scheduler() if vae_is_random else tiny_scheduler(clip_sample=False)
+    scheduler.save_pretrained(path / "scheduler")
     if latent:
         vae.save_pretrained(path / "vae")
     write_model_index(path, has_vae=latent)
@@ -218,13 +234,15 @@ def _tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     )
 
 
-def _tiny_vae(image_size: int) -> AutoencoderKL:
-    """Three levels (scale factor 4: 32 px → 8×8 latents), 4 latent channels, SD's scaling factor (the default)."""
+def tiny_autoencoder(image_size: int, block_out_channels: tuple[int, ...] = (8, 16, 16)) -> AutoencoderKL:
+    """An untrained ``AutoencoderKL``: ``len - 1`` stride-2 downsamples (3 levels, scale factor 4: 32 px → 8×8
+    latents), 4 latent channels, SD's scaling factor (the default; training sets its own)."""
+    blocks = len(block_out_channels)
     return AutoencoderKL(
         sample_size=image_size,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=tuple(block_out_channels),
         latent_channels=4,
         norm_num_groups=8,
     )
@@ -248,17 +266,19 @@ def _tiny_unet(sample_size: int, in_channels: int = 6, out_channels: int = 3) ->
     )
 
 
-def build_tiny_instruct_pix2pix(path: str | Path, seed: int = 0, image_size: int = 32, latent: bool = False) -> Path:
+def build_tiny_instruct_pix2pix(
+    path: str | Path, seed: int = 0, image_size: int = 32, latent: bool = False, vae: str | Path | None = None
+) -> Path:
     """Build the tiny model in a temporary sibling folder, then rename it to ``path`` (never half-written).
 
-    ``latent``: see ``build_instruct_pix2pix_folder``.
+    ``latent``, ``vae``: see ``build_instruct_pix2pix_folder``.
     """
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"'{path}' exists; build_tiny_instruct_pix2pix never overwrites a model folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.building-{uuid.uuid4().hex}"
-    build_instruct_pix2pix_folder(tmp, seed=seed, image_size=image_size, latent=latent)
+    build_instruct_pix2pix_folder(tmp, seed=seed, image_size=image_size, latent=latent, vae=vae)
     try:
         tmp.rename(path)
     except OSError:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import VQModel
+from diffusers import ModelMixin, VQModel
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
@@ -403,15 +403,15 @@ class VQTokenizerModule(LightningModule):
     def on_fit_end(self) -> None:
         self.finalize_codebook()
         if self.export_dir is not None and self.trainer.is_global_zero:
-            save_vq_atomically(self.vq, self.export_dir)
+            save_pretrained_atomically(self.vq, self.export_dir)
 
 
-def save_vq_atomically(vq: VQModel, export_dir: str | Path) -> None:
-    """``vq.save_pretrained(export_dir)`` through a temporary sibling folder, so a crash never leaves half a model."""
+def save_pretrained_atomically(model: ModelMixin, export_dir: str | Path) -> None:
+    """``model.save_pretrained(export_dir)`` through a temporary sibling folder, so a crash never leaves half a model."""
     target = Path(export_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    vq.save_pretrained(tmp)
+    model.save_pretrained(tmp)
     _make_readable(tmp)
     if target.exists():
         old = target.with_name(f".{target.name}-old-{tmp.name}")
