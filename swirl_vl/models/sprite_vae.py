@@ -12,10 +12,7 @@ pixel-space model does.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
@@ -24,7 +21,12 @@ from typing_extensions import override
 
 from datamodules import sprites
 from swirl_vl.models.tiny_diffusion import tiny_autoencoder
-from swirl_vl.models.vq import render_tensor, save_pretrained_atomically
+from swirl_vl.models.vq import (
+    cosine_to_3_percent,
+    foreground_weighted_recon_loss,
+    render_tensor,
+    save_pretrained_atomically,
+)
 
 
 @torch.no_grad()
@@ -85,9 +87,7 @@ class VAETrainerModule(LightningModule):
         target = images * 2 - 1
         posterior = self.vae.encode(target).latent_dist
         recon = self.vae.decode(posterior.sample()).sample
-        lit = (images.amax(1, keepdim=True) > 0.5).float()
-        weight = 1 + self.foreground_weight * F.max_pool2d(lit, 3, stride=1, padding=1)
-        recon_loss = (weight * ((recon - target) ** 2 + (recon - target).abs())).mean()
+        recon_loss = foreground_weighted_recon_loss(recon, images, self.foreground_weight)
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
         self.log_dict({"vae/recon": recon_loss, "vae/kl": kl}, prog_bar=True, batch_size=images.shape[0])
         return recon_loss + self.kl_weight * kl
@@ -105,12 +105,7 @@ class VAETrainerModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> dict:
-        optimizer = self.optimizer(self.vae.parameters())
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return cosine_to_3_percent(self.optimizer(self.vae.parameters()), self.trainer.estimated_stepping_batches)
 
     @override
     def on_fit_end(self) -> None:

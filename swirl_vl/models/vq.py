@@ -275,12 +275,7 @@ class VQTokenizerModule(LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = batch["image"]
         recon, z_e, z_q, codes = self(images)
-        target = images * 2 - 1
-        lit = (images.amax(1, keepdim=True) > 0.5).float()  # (B, 1, H, W)
-        # Dilated by one pixel, so that light spilling past an edge costs as much as light missing inside it:
-        # weighting only lit pixels would teach the decoder to over-light, and circles would turn into squares.
-        weight = 1 + self.foreground_weight * F.max_pool2d(lit, 3, stride=1, padding=1)
-        recon_loss = (weight * ((recon - target) ** 2 + (recon - target).abs())).mean()
+        recon_loss = foreground_weighted_recon_loss(recon, images, self.foreground_weight)
         codebook_loss = F.mse_loss(z_q, z_e.detach())
         commitment_loss = F.mse_loss(z_e, z_q.detach())
         losses = {"vq/recon": recon_loss, "vq/codebook": codebook_loss, "vq/commitment": commitment_loss}
@@ -391,19 +386,34 @@ class VQTokenizerModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> dict:
-        optimizer = self.optimizer(self.vq.parameters())
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
         # Decaying the rate is what turns blurry shapes into ones parse reads right; a constant rate plateaus.
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return cosine_to_3_percent(self.optimizer(self.vq.parameters()), self.trainer.estimated_stepping_batches)
 
     @override
     def on_fit_end(self) -> None:
         self.finalize_codebook()
         if self.export_dir is not None and self.trainer.is_global_zero:
             save_pretrained_atomically(self.vq, self.export_dir)
+
+
+def foreground_weighted_recon_loss(recon: Tensor, images: Tensor, foreground_weight: float) -> Tensor:
+    """Mean of (MSE + L1) between ``recon`` in ``[-1, 1]`` and ``images`` in ``[0, 1]``, each pixel on or next to a
+    shape weighted ``1 + foreground_weight`` (sprites cover a small part of the canvas)."""
+    target = images * 2 - 1
+    lit = (images.amax(1, keepdim=True) > 0.5).float()  # (B, 1, H, W)
+    # Dilated by one pixel, so that light spilling past an edge costs as much as light missing inside it:
+    # weighting only lit pixels would teach the decoder to over-light, and circles would turn into squares.
+    weight = 1 + foreground_weight * F.max_pool2d(lit, 3, stride=1, padding=1)
+    return (weight * ((recon - target) ** 2 + (recon - target).abs())).mean()
+
+
+def cosine_to_3_percent(optimizer: torch.optim.Optimizer, total_steps: float) -> dict:
+    """Lightning's optimiser config: ``optimizer``'s rate decays on a cosine to 3% over ``total_steps``, per step."""
+    total = max(int(total_steps), 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def save_pretrained_atomically(model: ModelMixin, export_dir: str | Path) -> None:
