@@ -24,22 +24,19 @@ from swirl_vl.models.tiny_diffusion import tiny_autoencoder
 from swirl_vl.models.vq import (
     cosine_to_3_percent,
     foreground_weighted_recon_loss,
-    render_tensor,
+    roundtrip_accuracy,
     save_pretrained_atomically,
 )
 
 
-@torch.no_grad()
 def vae_roundtrip_accuracy(vae: AutoencoderKL, states: list[sprites.SpriteState], batch_size: int = 250) -> float:
     """Share of ``states`` with ``parse(decode(encode(render(s)).mode)) == s``: what the autoencoder loses."""
-    device = next(vae.parameters()).device
-    hits = 0
-    for i in range(0, len(states), batch_size):
-        chunk = states[i : i + batch_size]
-        images = torch.stack([render_tensor(s) for s in chunk]).to(device)
-        recon = vae.decode(vae.encode(images * 2 - 1).latent_dist.mode()).sample
-        hits += sum(sprites.parse(r) == s for r, s in zip(((recon + 1) / 2).clamp(0, 1).cpu(), chunk))
-    return hits / len(states)
+    return roundtrip_accuracy(lambda images: _reconstruct(vae, images), states, vae.device, batch_size)
+
+
+def _reconstruct(vae: AutoencoderKL, images: Tensor) -> Tensor:
+    """``(B, 3, H, W)`` in ``[0, 1]`` → decoded posterior means, in ``[0, 1]``."""
+    return ((vae.decode(vae.encode(images * 2 - 1).latent_dist.mode()).sample + 1) / 2).clamp(0, 1)
 
 
 def _adam(params) -> torch.optim.Optimizer:
@@ -84,8 +81,7 @@ class VAETrainerModule(LightningModule):
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = batch["image"]
-        target = images * 2 - 1
-        posterior = self.vae.encode(target).latent_dist
+        posterior = self.vae.encode(images * 2 - 1).latent_dist
         recon = self.vae.decode(posterior.sample()).sample
         recon_loss = foreground_weighted_recon_loss(recon, images, self.foreground_weight)
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
@@ -95,8 +91,7 @@ class VAETrainerModule(LightningModule):
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         images = batch["image"]
-        means = self.vae.encode(images * 2 - 1).latent_dist.mode()
-        recon = ((self.vae.decode(means).sample + 1) / 2).clamp(0, 1)
+        recon = _reconstruct(self.vae, images)
         # Validation canvases are renders of valid states, so parse(input) is the true state.
         hits = [sprites.parse(r) == sprites.parse(x) for r, x in zip(recon.cpu(), images.cpu())]
         size = images.shape[0]

@@ -182,11 +182,10 @@ def build_instruct_pix2pix_folder(
 
     ``latent``: the latent-space layout (``vae/``, 8-in / 4-out UNet on ``image_size / 4`` latents, ε-prediction
     DDIM) that ``StableDiffusionInstructPix2PixPipeline`` loads; otherwise the pixel-space model.
-    ``vae``: a trained ``AutoencoderKL`` folder (e.g. ``sprite_vae.SHIPPED_SPRITE_VAE``): the latent layout on its
+    ``vae``: a trained ``AutoencoderKL`` folder (e.g. ``SHIPPED_SPRITE_VAE``): the latent layout on its
     latents, with the tiny models' x̂_0-predicting schedule (unclipped) instead of Stable Diffusion's ε schedule,
     for the reason ``tiny_scheduler`` gives. Implies ``latent``.
     """
-    vae_is_random = vae is None
     latent = latent or vae is not None
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -197,11 +196,11 @@ def build_instruct_pix2pix_folder(
         torch.manual_seed(seed)
         text_encoder = _tiny_text_encoder(tokenizer)
         if latent:
-            vae = tiny_autoencoder(image_size) if vae is None else AutoencoderKL.from_pretrained(vae)
-            factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the pipeline's vae_scale_factor
+            autoencoder = tiny_autoencoder(image_size) if vae is None else AutoencoderKL.from_pretrained(vae)
+            factor = 2 ** (len(autoencoder.config.block_out_channels) - 1)  # the pipeline's vae_scale_factor
             if image_size % factor:
                 raise ValueError(f"image_size={image_size} must be a multiple of the VAE's scale factor {factor}")
-            latent_channels = vae.config.latent_channels
+            latent_channels = autoencoder.config.latent_channels
             unet = _tiny_unet(image_size // factor, 2 * latent_channels, latent_channels)
         else:
             unet = _tiny_unet(image_size)
@@ -209,11 +208,13 @@ def build_instruct_pix2pix_folder(
     unet.save_pretrained(path / "unet")
     if not latent:
         scheduler = tiny_scheduler()
+    elif vae is None:
+        scheduler = latent_scheduler()
     else:
-        scheduler = latent_scheduler() if vae_is_random else tiny_scheduler(clip_sample=False)
+        scheduler = tiny_scheduler(clip_sample=False)
     scheduler.save_pretrained(path / "scheduler")
     if latent:
-        vae.save_pretrained(path / "vae")
+        autoencoder.save_pretrained(path / "vae")
     write_model_index(path, has_vae=latent)
     return path
 

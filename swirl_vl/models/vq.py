@@ -15,6 +15,7 @@ import random
 import shutil
 import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,18 +53,28 @@ def render_tensor(state: sprites.SpriteState) -> Tensor:
     return torch.from_numpy(np.array(sprites.render(state))).permute(2, 0, 1).float() / 255
 
 
+@torch.no_grad()
+def roundtrip_accuracy(
+    reconstruct: Callable[[Tensor], Tensor], states: list[sprites.SpriteState], device: torch.device, batch_size: int
+) -> float:
+    """Share of ``states`` with ``parse(reconstruct(render(s))) == s``; ``reconstruct`` maps ``(B, 3, H, W)`` images
+    in ``[0, 1]`` to images in ``[0, 1]`` (an image tokenizer's or autoencoder's round trip)."""
+    hits = 0
+    for i in range(0, len(states), batch_size):
+        chunk = states[i : i + batch_size]
+        recon = reconstruct(torch.stack([render_tensor(s) for s in chunk]).to(device)).cpu()
+        hits += sum(sprites.parse(r) == s for r, s in zip(recon, chunk))
+    return hits / len(states)
+
+
 def sprite_roundtrip_accuracy(vq: VQModel, num_states: int = 1000, seed: int = 0, batch_size: int = 250) -> float:
     """Share of random sprite states ``s`` with ``parse(vq_decode(vq_encode(render(s)))) == s``."""
     rng = random.Random(f"vq-roundtrip-{seed}")
     states = [sprites.random_state(rng) for _ in range(num_states)]
     device = next(vq.parameters()).device
-    hits = 0
-    for i in range(0, num_states, batch_size):
-        chunk = states[i : i + batch_size]
-        images = torch.stack([render_tensor(s) for s in chunk]).to(device)
-        recon = vq_decode(vq, vq_encode(vq, images), vq_grid(vq, images.shape[-1])).cpu()
-        hits += sum(sprites.parse(r) == s for r, s in zip(recon, chunk))
-    return hits / num_states
+    return roundtrip_accuracy(
+        lambda images: vq_decode(vq, vq_encode(vq, images), vq_grid(vq, images.shape[-1])), states, device, batch_size
+    )
 
 
 def cell_contents(state: sprites.SpriteState) -> list[tuple[str, str] | None]:
