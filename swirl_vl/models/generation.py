@@ -14,18 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
-from transformers import (
-    GenerationConfig,
-    GenerationMixin,
-    JanusForConditionalGeneration,
-    LogitsProcessor,
-    LogitsProcessorList,
-    MinNewTokensLengthLogitsProcessor,
-    SuppressTokensLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import GenerationMixin, JanusForConditionalGeneration, LogitsProcessor
 
 
 class RecordLogprobs(LogitsProcessor):
@@ -128,12 +117,7 @@ class LogitGuidance(LogitsProcessor):
 
 
 def generate_groups(
-    model: nn.Module,
-    inputs: Mapping[str, Tensor],
-    group_size: int,
-    share_prefill: bool = True,
-    own_loop: bool = True,
-    **generate_kwargs: Any,
+    model: nn.Module, inputs: Mapping[str, Tensor], group_size: int, share_prefill: bool = True, **generate_kwargs: Any
 ) -> Tensor:
     """``model.generate`` with every prompt of ``inputs`` (left-padded, ``B`` rows) repeated ``group_size`` times,
     group-major; returns the ``(B * group_size, T + L)`` sequences.
@@ -141,16 +125,7 @@ def generate_groups(
     ``share_prefill``: run the prompts through the model once (``B`` rows, not ``B * G``) and repeat their KV cache
     ``G`` times before decoding, instead of ``num_return_sequences``, which prefills ``G`` identical copies (vision
     tower included). Only for models whose positions follow the attention mask (not multimodal RoPE).
-
-    ``own_loop``: with a shared prefill, decode in ``decode_loop`` rather than ``generate`` when the settings are
-    ones it takes (``decode_loop_settings``): the same tokens for the same random state, in less than half the
-    time on small models, whose decoding is bound by ``generate``'s per-step work rather than by the forward pass.
     """
-    if own_loop and share_prefill and not is_sharded(model):
-        config = decode_loop_settings(model, generate_kwargs)
-        if config is not None:
-            processors = generate_kwargs.get("logits_processor") or []
-            return decode_loop(model, inputs, group_size, config, list(processors))
     if is_sharded(model):
         # Every process must run as many forward passes: all decode until the last has finished. And transformers'
         # generate calls parts of the model (its image features) outside its forward, so the model's outer weights
@@ -185,111 +160,6 @@ def _generate_groups(
         cache=cache,
         **generate_kwargs,
     )
-
-
-# The settings ``decode_loop`` samples as ``generate`` does; a value of any other setting that differs from
-# transformers' default (beams, penalties, forced tokens, …) sends the call through ``generate`` itself.
-_LOOP_SETTINGS = frozenset(
-    {"max_new_tokens", "min_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p"}
-    | {"suppress_tokens", "eos_token_id", "pad_token_id", "bos_token_id", "use_cache", "transformers_version"}
-)
-
-
-def decode_loop_settings(model: nn.Module, generate_kwargs: Mapping[str, Any]) -> GenerationConfig | None:
-    """The settings ``generate`` would sample with, given ``generate_kwargs`` (a ``generation_config`` or loose
-    settings, and a ``logits_processor`` list), if ``decode_loop`` takes them all; None otherwise.
-
-    Resolved as ``generate`` resolves them: what the call sets, then the model's ``generation_config`` for what it
-    leaves unset, then transformers' defaults (so an unset ``top_k`` is 50, as under ``generate``)."""
-    loose = {k: v for k, v in generate_kwargs.items() if k not in ("generation_config", "logits_processor")}
-    given = generate_kwargs.get("generation_config")
-    if given is not None and loose:
-        return None
-    config = copy.deepcopy(given) if given is not None else GenerationConfig(**loose)
-    defaults = GenerationConfig._get_default_generation_params()
-    own = getattr(model, "generation_config", None)
-    if own is not None:
-        config.update(**own.to_dict(), defaults_only=True, allow_custom_entries=True)
-    config.update(**defaults, defaults_only=True)
-    baseline = GenerationConfig()
-    baseline.update(**defaults, defaults_only=True)
-    ours, theirs = config.to_dict(), baseline.to_dict()
-    if any(ours.get(k) != theirs.get(k) for k in set(ours) | set(theirs) if k not in _LOOP_SETTINGS):
-        return None
-    if config.max_new_tokens is None or (config.eos_token_id is not None and config.pad_token_id is None):
-        return None  # a length from max_length, or no token to pad ended rows with: left to generate
-    return config
-
-
-def decode_loop(
-    model: nn.Module,
-    inputs: Mapping[str, Tensor],
-    group_size: int,
-    config: GenerationConfig,
-    processors: list[LogitsProcessor],
-) -> Tensor:
-    """``generate``'s sampling loop for the settings ``decode_loop_settings`` accepts, after one prefill per prompt:
-    ``(B * group_size, T + L)`` sequences, rows group-major, as ``generate_groups`` returns them.
-
-    Each step scores as ``generate`` does, in its order: ``min_new_tokens`` (the end tokens held back),
-    ``suppress_tokens``, then ``processors`` (restrictions,
-    guidance, the log-prob recorder), then, when sampling, temperature, top-k and top-p (transformers' own
-    warpers); then argmax or one ``torch.multinomial`` draw, so the same random state gives the same tokens. A row
-    that has drawn an end token is padded with ``pad_token_id`` from then on; decoding stops when every row has
-    ended or after ``max_new_tokens``.
-    """
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    positions = left_pad_positions(mask)
-    head = prefill_once(model, {"input_ids": ids, "attention_mask": mask, **extra}, positions, group_size)
-    cache, logits = head.cache, head.logits[:, -1].repeat_interleave(group_size, 0)
-    sequences, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
-    position = positions[:, -1:].repeat_interleave(group_size, 0)
-    eos = config.eos_token_id
-    eos = None if eos is None else torch.tensor([eos] if isinstance(eos, int) else list(eos), device=ids.device)
-    steps = LogitsProcessorList(_loop_processors(config, processors, eos, ids.shape[1], ids.device))
-    unfinished = torch.ones(sequences.shape[0], dtype=torch.bool, device=ids.device)
-    for step in range(config.max_new_tokens):
-        scores = steps(sequences, logits.to(dtype=torch.float32))
-        if config.do_sample:
-            tokens = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
-        else:
-            tokens = scores.argmax(-1)
-        if eos is not None:
-            tokens = torch.where(unfinished, tokens, config.pad_token_id)
-            unfinished &= ~torch.isin(tokens, eos)
-        sequences = torch.cat([sequences, tokens[:, None]], 1)
-        if step == config.max_new_tokens - 1 or not unfinished.any():
-            break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        position = position + 1
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
-        cache, logits = out.cache, out.logits[:, -1]
-    return sequences
-
-
-def _loop_processors(
-    config: GenerationConfig,
-    processors: list[LogitsProcessor],
-    eos: Tensor | None,
-    prompt_length: int,
-    device: torch.device,
-) -> list[LogitsProcessor]:
-    """``generate``'s processor list for the settings ``decode_loop`` takes, in ``generate``'s order."""
-    steps: list[LogitsProcessor] = []
-    if config.min_new_tokens and eos is not None:
-        steps.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos, device=device))
-    if config.suppress_tokens is not None:
-        steps.append(SuppressTokensLogitsProcessor(config.suppress_tokens, device=device))
-    steps += processors
-    if config.do_sample:
-        if config.temperature is not None and config.temperature != 1.0:
-            steps.append(TemperatureLogitsWarper(config.temperature))
-        if config.top_k is not None and config.top_k != 0:
-            steps.append(TopKLogitsWarper(top_k=config.top_k))
-        if config.top_p is not None and config.top_p < 1.0:
-            steps.append(TopPLogitsWarper(top_p=config.top_p))
-    return steps
 
 
 def is_sharded(model: nn.Module) -> bool:
