@@ -202,3 +202,18 @@ def test_a_groups_repeated_samples_score_once_with_the_same_logprobs_and_gradien
         torch.testing.assert_close(full, shared, atol=1e-5, rtol=1e-4)
     codes = fwm.image_codes(rollout.context["input_ids"][:, -S:])
     torch.testing.assert_close(rollout.images, fwm.decode_codes(codes), atol=1e-6, rtol=1e-5)
+
+
+def test_sampling_keeps_50_codes_by_default_and_every_code_without_top_k(fwm: TokenFWM) -> None:
+    """transformers 5 fills an unset ``top_k`` with 50: the FWM's default says so, and None (or 0) turns it off. One
+    prompt, 256 draws of its first code at temperature 2 from the untrained model over its 64 codes: at most 50
+    distinct codes under top-k 50, more without it."""
+    x, _, z = sprite_pairs(1)
+    firsts = {}
+    for top_k in (50, None, 0):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            rollout = fwm.sample(x, z, num_samples=256, temperature=2.0, top_k=top_k, top_p=1.0)
+        firsts[top_k] = rollout.context["input_ids"][:, -fwm.image_length].tolist()
+    assert len(set(firsts[50])) <= 50 < len(set(firsts[None]))
+    assert firsts[None] == firsts[0]

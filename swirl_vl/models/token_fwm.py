@@ -366,10 +366,13 @@ class TokenFWM(ForwardWorldModel):
         greedy: bool = False,
         temperature: float = 0.75,
         top_p: float = 0.96,
-        top_k: int | None = None,
+        top_k: int | None = 50,
     ) -> Rollout:
         """``G = num_samples`` next states per ``(x, z)``, rows group-major (row ``b*G + g``), in one ``generate`` that
         prefills each prompt once.
+
+        ``top_k``: the codes kept before ``top_p``; 50 is what ``generate`` applies when none is given (transformers
+        5 fills an unset ``top_k`` with its default), made explicit here; 0 or None samples from every code.
 
         Returns images ``(B*G, 3, H, W)`` in ``[0, 1]``, ``old_logprobs`` / ``mask`` ``(B*G, L)`` (at ``temperature``)
         and ``context = {"input_ids", "attention_mask"}`` ``(B*G, T + S)``. ``greedy`` takes the argmax (``G = 1``;
@@ -383,7 +386,7 @@ class TokenFWM(ForwardWorldModel):
         config = GenerationConfig(
             max_new_tokens=S,
             min_new_tokens=S,
-            top_k=None if greedy else top_k,  # applied within the image codes (after the restriction)
+            top_k=None if greedy else top_k or 0,  # applied within the image codes (after the restriction)
             pad_token_id=self.pad_id,
             eos_token_id=None,  # an image is exactly S tokens; nothing may end it early
             use_cache=True,
