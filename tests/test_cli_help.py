@@ -126,22 +126,18 @@ def test_fit_prints_each_stage_warns_when_phase1_keeps_no_label_and_mutes_librar
         assert noise not in out, noise
 
 
-def test_configs_come_with_the_package_and_fit_without_one_runs_the_embedded_default(tmp_path) -> None:
+def test_configs_come_with_the_package_and_fit_without_one_runs_the_embedded_default(tmp_path, monkeypatch, capsys):
     """From a folder without ``configs/`` (as after a plain ``pip install``): ``configs/NAME.yaml`` is read from the
-    package, and a run subcommand without ``--config`` gets ``configs/sprites.yaml``."""
-    import subprocess
-    import sys
-
-    def print_config(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "swirl_vl", "fit", *args, "--print_config"]
-        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-
-    named = print_config("--config", "configs/sprites_liquid.yaml")
-    assert named.returncode == 0, named.stderr[-2000:]
-    assert "swirl_vl.models.liquid.LiquidFWM" in named.stdout
-    default = print_config()
-    assert default.returncode == 0, default.stderr[-2000:]
-    assert "embedded default" in default.stderr and "swirl_vl.models.token_fwm.TokenFWM" in default.stdout
+    package, and a run subcommand without ``--config`` gets ``configs/sprites.yaml``. In this process, from that
+    folder (a subprocess per case took ~15 s, nearly all of it imports)."""
+    monkeypatch.chdir(tmp_path)
+    code, named = _exit(["fit", "--config", "configs/sprites_liquid.yaml", "--print_config"], capsys)
+    assert code == "0" and "swirl_vl.models.liquid.LiquidFWM" in named
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--print_config"])
+    default = capsys.readouterr()
+    assert str(exit_info.value.code) == "0"
+    assert "embedded default" in default.err and "swirl_vl.models.token_fwm.TokenFWM" in default.out
     assert not any(tmp_path.iterdir()), "printing a config writes nothing"
 
 

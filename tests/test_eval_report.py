@@ -206,19 +206,6 @@ def test_cli_test_writes_per_task_and_per_turn_report(tmp_path: Path, sprite_roo
     assert f"test/tasks/{task}/fwm_l1" in scalars
 
 
-@pytest.mark.slow
-def test_cli_test_under_two_process_ddp_counts_every_pair_once(tmp_path: Path, sprite_root: Path):  # noqa: F811
-    """Each rank sees half the pairs and rolls out half the trajectories; the gathered report has them all (~25 s)."""
-    args = _tiny_args(tmp_path, sprite_root, "--trainer.accelerator", "cpu", "--trainer.devices", "2")
-    proc = _run(["test", *args, "--trainer.strategy", "ddp"], timeout=300, threads=1)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    report = json.loads((_version_dir(tmp_path) / "test_metrics.json").read_text())
-    counts = report["counts"]["all"]
-    assert counts["fwm_l1"] == counts["idm_bleu"] == counts["cycle_l1"] == 2 * 5
-    assert counts["turn_1/fwm_l1"] == counts["turn_5/fwm_state_acc"] == 2
-    assert sum(c["fwm_l1"] for task, c in report["counts"].items() if task != "all") == 10
-
-
 class _SeesOnlyTargets(OracleIDM):
     """An oracle IDM that records the pairs it is shown and refuses an unknown next state."""
 

@@ -12,7 +12,7 @@ from test_cli import _checkpoint_state, _run, _tiny_args, _version_dir
 def test_fsdp2_resumes_mid_phase_then_tests_and_predicts_on_two_processes(tmp_path, sprite_root):
     """FSDP2 over 2 processes: a fit stopped in the middle of Phase I resumes there, holding every weight, KL
     reference and AdamW moment its checkpoint holds (which leaves the references out); ``test`` on 2 processes
-    gives the metrics a 1-process ``test`` of the same checkpoint gives; ``predict`` on 2 processes writes each test
+    counts every test pair once and gives the metrics a 1-process ``test`` of the same checkpoint gives; ``predict`` on 2 processes writes each test
     pair once, with a rollout that only one process has."""
     fsdp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "fsdp2"]
     schedule = ["--schedule.sft_steps", "2", "--schedule.iterations", "1", "--schedule.phase1_steps", "3"]
@@ -63,6 +63,10 @@ def test_fsdp2_resumes_mid_phase_then_tests_and_predicts_on_two_processes(tmp_pa
         tested = _run(["test", *args, *devices, "--ckpt_path", str(final)], timeout=300, threads=1)
         assert tested.returncode == 0, name + tested.stdout[-3000:] + tested.stderr[-5000:]
         metrics[name] = json.loads((run / "test_metrics.json").read_text())
+    counts = metrics["two"]["counts"]["all"]  # each rank saw half the pairs; the gathered report has them all
+    assert counts["fwm_l1"] == counts["idm_bleu"] == counts["cycle_l1"] == 2 * 5
+    assert counts["turn_1/fwm_l1"] == counts["turn_5/fwm_state_acc"] == 2
+    assert sum(c["fwm_l1"] for task, c in metrics["two"]["counts"].items() if task != "all") == 10
     two, one = _leaves(metrics["two"]), _leaves(metrics["one"])
     assert two.keys() == one.keys() and len(one) > 20
     close = {k: pytest.approx(v, rel=1e-5, abs=1e-6) if isinstance(v, float) else v for k, v in one.items()}
