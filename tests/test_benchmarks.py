@@ -64,6 +64,22 @@ def test_swirl_vs_sft_runs_both_arms_from_one_sft_checkpoint(tmp_path: Path) -> 
         for key in ("groups_with_a_right_sample", "greedy_acc", "best_of_group_acc"):
             assert 0 <= signal[phase][key] <= 1
 
+    # rl_variants.py runs each variant from the same SFT run over RL seeds, side by side, on the same data.
+    out = tmp_path / "variants.json"
+    shrink = ["--schedule.iterations=1", "--schedule.phase1_steps=1", "--schedule.phase2_steps=1", *TINY_DATA]
+    cmd = [sys.executable, "benchmarks/rl_variants.py", "--sft", str(sft.parents[1]), "--data", str(manifest.parent)]
+    cmd += ["--rl-seeds", "0", "--work", str(tmp_path / "variants"), "--out", str(out)]
+    cmd += ["--variant", "g2", *shrink, "--variant", "g3", *shrink, "--model.init_args.fwm_group_size=3"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert manifest.read_text() == before
+    variants = json.loads(out.read_text())
+    assert [(r["variant"], r["rl_seed"], len(r["table"])) for r in variants["runs"]] == [("g2", 0, 1), ("g3", 0, 1)]
+    assert variants["summary"]["g2"]["phase1_step_ratio"] == 1.0 and variants["summary"]["g3"]["phase1_step_s"] > 0
+    start = json.loads((sft.parents[1] / "swirl_metrics.json").read_text())[-1]["fwm_state_acc"]
+    assert all(v["sft_fwm_state_acc"] == start for v in variants["summary"].values())
+    assert "| g3 |" in proc.stdout
+
     # guidance.py scores a diffusion FWM's greedy samples on the same data, per guidance setting.
     from swirl_vl.models.tiny_diffusion import build_tiny_instruct_pix2pix
 
