@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness import METRICS, REPO, Arm, print_table, run_seed, summarise, write_json
+from harness import METRICS, REPO, Arm, print_table, run_seed, summarise, write_results
 
 FORWARD_PROCESS = "swirl_vl.training.objectives.ForwardProcess"
 
@@ -107,10 +107,7 @@ def main(select: list[str] | None = None, doc: str = __doc__, out: str = "ablati
             f"{n:17s} relative to sft_only: fwm_state_acc {g['fwm_state_acc']:+.1%}, "
             f"idm_action_acc {g['idm_action_acc']:+.1%}"
         )
-    payload = {"args": {k: str(v) for k, v in vars(a).items()}, "seeds": results, "summary": summary, "gains": gains}
-    write_json(a.out, payload)
-    print(f"written {a.out}")
-    return payload
+    return write_results(a.out, a, {"seeds": results, "summary": summary, "gains": gains})
 
 
 def _relative(value: float, base: float) -> float:

@@ -182,6 +182,14 @@ def write_json(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
+def write_results(path: Path, args: object, results: dict) -> dict:
+    """A benchmark's JSON: its parsed ``args`` (as strings) and ``results``, written atomically and announced."""
+    payload = {"args": {k: str(v) for k, v in vars(args).items()}, **results}
+    write_json(path, payload)
+    print(f"written {path}")
+    return payload
+
+
 def print_table(summary: dict, arms: list[str]) -> None:
     print("| arm | " + " | ".join(METRICS) + " |")
     print("|---|" + "---|" * len(METRICS))

@@ -17,7 +17,7 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from harness import REPO, Arm, _read, finished_run, fit, write_json
+from harness import REPO, Arm, _read, finished_run, fit, write_results
 
 
 def parse_variants(tokens: list[str]) -> dict[str, list[str]]:
@@ -118,10 +118,7 @@ def main() -> dict:
             f"| {s['gain_median']:+.1%} | idm {s['idm_action_acc']['median']:.3f} | phase1 step {p1:.3f} s "
             f"({s['phase1_step_ratio']:.2f}×) |"
         )
-    payload = {"args": {k: str(v) for k, v in vars(a).items()}, "variants": variants, "runs": rows, "summary": summary}
-    write_json(a.out, payload)
-    print(f"written {a.out}")
-    return payload
+    return write_results(a.out, a, {"variants": variants, "runs": rows, "summary": summary})
 
 
 if __name__ == "__main__":
