@@ -13,6 +13,7 @@ median Phase I step time relative to the first variant's (runs side by side, one
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,7 +64,9 @@ def main() -> dict:
     data = work / "data"  # the harness reads data from work/data: point it at the SFT run's data, never regenerate
     if not data.exists():
         data.symlink_to(a.data.resolve(), target_is_directory=True)
-    threads = 1 if a.jobs > 1 else 2
+    elif data.resolve() != a.data.resolve():
+        raise SystemExit(f"{data} is {data.resolve()}, not --data {a.data}: use another --work")
+    threads = 1 if a.jobs > 1 else os.cpu_count() or 1
     runs = [
         (v, s, Arm(f"{v}_s{s}", [*o, "--schedule.sft_steps", "0", "--seed_everything", str(s)]))
         for v, o in variants.items()
@@ -96,9 +99,9 @@ def main() -> dict:
         )
     summary = {}
     first = None
+    sft_acc = sft_table[-1]["fwm_state_acc"]  # the SFT run's test row: where every run starts
     for variant in variants:
         mine = [r for r in rows if r["variant"] == variant]
-        sft_acc = sft_table[-1]["fwm_state_acc"]  # the SFT run's test row: where every run starts
         final = [r["table"][-1]["fwm_state_acc"] for r in mine]
         idm = [r["table"][-1]["idm_action_acc"] for r in mine]
         p1 = statistics.median(r["step_s"]["phase1"] for r in mine)
